@@ -1,0 +1,70 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (everything CI checks).
+# Both set up what they need on first use: .venv (the pinned dev stack) and, for the tests, .venv-compat (newest fastai).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PY ?= python3.11
+VENV := .venv
+COMPAT := .venv-compat
+# Keep every cache out of the home directory
+CACHE := $(CURDIR)/.cache
+export FASTAI_HOME := $(CACHE)/fastai
+export TORCH_HOME := $(CACHE)/torch
+export MPLCONFIGDIR := $(CACHE)/matplotlib
+export IPYTHONDIR := $(CACHE)/ipython
+export JUPYTER_CONFIG_DIR := $(CACHE)/jupyter
+export JUPYTER_DATA_DIR := $(CACHE)/jupyter-data
+export MPLBACKEND := Agg
+export PYTHONWARNINGS := ignore::FutureWarning:torch.jit._script
+DEMO_ARGS ?=
+
+.PHONY: demo test venv export check-export nbtest pytest compat clean
+
+$(VENV)/.installed: requirements-dev.txt settings.ini setup.py
+	@echo "==> Setting up $(VENV) with the pinned development stack (first time: a few minutes)"
+	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	@echo "==> Running the demo: synthetic traffic signs, a resnet18 trained from scratch, evolving saliency maps"
+	$(VENV)/bin/fastai-saliency demo $(DEMO_ARGS)
+
+export: $(VENV)/.installed
+	$(VENV)/bin/nbdev_export
+
+check-export: $(VENV)/.installed
+	@echo "==> Checking that the notebooks and the library agree (nbdev_export, then git diff)"
+	$(VENV)/bin/nbdev_export
+	git diff --exit-code -- fastai_saliency nbs
+	@test -z "$$(git status --porcelain --untracked-files=all -- fastai_saliency)" || \
+	  { echo "nbdev_export made files that are not committed:"; git status --porcelain -- fastai_saliency; exit 1; }
+
+nbtest: $(VENV)/.installed
+	@echo "==> Running every notebook (nbdev_test, slow cells included)"
+	OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --flags slow --n_workers 2 --timing
+
+pytest: $(VENV)/.installed
+	@echo "==> pytest tests/ with the pinned stack"
+	$(VENV)/bin/python -m pytest tests/ -q
+
+$(COMPAT)/.installed: requirements-compat.txt settings.ini setup.py
+	@echo "==> Setting up $(COMPAT) with the newest fastai (no nbdev) for the compatibility run"
+	@test -x $(COMPAT)/bin/python || $(PY) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install -q --upgrade pip
+	$(COMPAT)/bin/pip install -q -r requirements-compat.txt
+	$(COMPAT)/bin/pip install -q -e .
+	@touch $@
+
+compat: $(COMPAT)/.installed
+	@echo "==> Compatibility run: pytest tests/ against the exported library with the newest fastai"
+	@$(COMPAT)/bin/python -c "import fastai, fastcore; print('fastai', fastai.__version__, 'fastcore', fastcore.__version__)"
+	$(COMPAT)/bin/python -m pytest tests/ -q
+
+test: check-export nbtest pytest compat
+
+clean:
+	rm -rf $(VENV) $(COMPAT) $(CACHE) _proc _docs
