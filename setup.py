@@ -1,4 +1,4 @@
-# Hand-written (not generated): nbdev 2's template setup.py without pkg_resources, which new setuptools lacks.
+# Hand-written (not generated): nbdev 2's template setup.py, minus the import new setuptools lacks.
 from configparser import ConfigParser
 import setuptools, shlex
 
