@@ -49,7 +49,7 @@ nbtest: $(VENV)/.installed
 
 pytest: $(VENV)/.installed
 	@echo "==> pytest tests/ with the pinned stack"
-	$(VENV)/bin/python -m pytest tests/ -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests/ -q
 
 $(COMPAT)/.installed: requirements-compat.txt settings.ini setup.py
 	@echo "==> Setting up $(COMPAT) with the newest fastai (no nbdev) for the compatibility run"
@@ -62,7 +62,7 @@ $(COMPAT)/.installed: requirements-compat.txt settings.ini setup.py
 compat: $(COMPAT)/.installed
 	@echo "==> Compatibility run: pytest tests/ against the exported library with the newest fastai"
 	@$(COMPAT)/bin/python -c "import fastai, fastcore; print('fastai', fastai.__version__, 'fastcore', fastcore.__version__)"
-	$(COMPAT)/bin/python -m pytest tests/ -q
+	OMP_NUM_THREADS=1 $(COMPAT)/bin/python -m pytest tests/ -q
 
 test: check-export nbtest pytest compat
 
