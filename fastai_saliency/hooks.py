@@ -10,7 +10,7 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['module_names', 'find_layer', 'find_layers', 'Capture', 'n_hooks', 'GraphOutputs', 'eval_mode']
+__all__ = ['module_names', 'find_layer', 'find_layers', 'HookSet', 'Capture', 'n_hooks', 'GraphOutputs', 'eval_mode']
 
 # %% ../nbs/00_hooks.ipynb #537c57e9
 def module_names(model:nn.Module) -> list:
@@ -83,7 +83,23 @@ def _grad_node(t:Tensor):
 def _detach_copy(t:Tensor) -> Tensor: return t.detach().as_subclass(Tensor).clone()
 
 # %% ../nbs/00_hooks.ipynb #6ddf9dcd
-class Capture:
+class HookSet:
+    "Forward hooks made by `make_hook(name)` on `(name, module)` pairs, removed on leaving a `with` block, on error, or when collected"
+    def __init__(self, pairs, make_hook):
+        self.handles = []
+        try:
+            for n,m in pairs: self.handles.append(m.register_forward_hook(make_hook(n)))
+        except BaseException: self.remove(); raise
+    def remove(self):
+        "Remove every hook (also called on leaving the `with` block)"
+        for h in self.handles: h.remove()
+        self.handles = []
+    def __enter__(self): return self
+    def __exit__(self, *args): self.remove()
+    def __del__(self): self.remove()
+
+#| export
+class Capture(HookSet):
     "Capture the outputs (`acts`) and output gradients (`grads`) of `layers` of `model` while in a `with` block"
     def __init__(self, model:nn.Module, layers, # As for `find_layers`'s `include`, or `(name, module)` pairs
                  acts:bool=True, # Keep each layer's output
@@ -94,11 +110,9 @@ class Capture:
                 ):
         pairs = layers if _is_pairs(layers) else find_layers(model, layers)
         self.names = [n for n,_ in pairs]
-        self.acts,self.grads,self.handles = {},{},[]
+        self.acts,self.grads = {},{}
         self.fn_act,self.fn_grad,self.on_act,self.on_grad,self.want_acts,self.want_grads = fn_act,fn_grad,on_act,on_grad,acts,grads
-        try:
-            for n,m in pairs: self.handles.append(m.register_forward_hook(self._fwd_hook(n)))
-        except BaseException: self.remove(); raise
+        super().__init__(pairs, self._fwd_hook)
 
     def _fwd_hook(self, name):
         def hook(m, i, o):
@@ -119,14 +133,6 @@ class Capture:
             else: self.grads[name] = self.fn_grad(g)
         return hook
 
-    def remove(self):
-        "Remove every hook (also called on leaving the `with` block)"
-        for h in self.handles: h.remove()
-        self.handles = []
-    def __enter__(self): return self
-    def __exit__(self, *args): self.remove()
-    def __del__(self): self.remove()
-
 # %% ../nbs/00_hooks.ipynb #120f3600
 def _is_pairs(x):
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(
@@ -139,14 +145,12 @@ def n_hooks(model:nn.Module) -> int:
                + len(getattr(m, '_backward_pre_hooks', {})) for m in model.modules())
 
 # %% ../nbs/00_hooks.ipynb #b203db42
-class GraphOutputs:
+class GraphOutputs(HookSet):
     "Keep the graph-attached outputs of `layers` (as plain tensors) in `outputs` while in a `with` block"
     def __init__(self, model:nn.Module, layers):
         pairs = layers if _is_pairs(layers) else find_layers(model, layers)
-        self.names,self.outputs,self.handles = [n for n,_ in pairs],{},[]
-        try:
-            for n,m in pairs: self.handles.append(m.register_forward_hook(self._hook(n)))
-        except BaseException: self.remove(); raise
+        self.names,self.outputs = [n for n,_ in pairs],{}
+        super().__init__(pairs, self._hook)
 
     def _hook(self, name):
         def hook(m, i, o):
@@ -155,13 +159,6 @@ class GraphOutputs:
             self.outputs[name] = t
             return t.clone()       # downstream in-place ops change the copy, never the kept output
         return hook
-
-    def remove(self):
-        for h in self.handles: h.remove()
-        self.handles = []
-    def __enter__(self): return self
-    def __exit__(self, *args): self.remove()
-    def __del__(self): self.remove()
 
 # %% ../nbs/00_hooks.ipynb #931b4bb2
 @contextmanager

@@ -9,7 +9,7 @@ import torch, torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import AttrDict
 from fastai.layers import AdaptiveConcatPool2d, Flatten as FastaiFlatten
-from .hooks import Capture, find_layer, eval_mode
+from .hooks import HookSet, Capture, find_layer, eval_mode
 
 # %% auto #0
 __all__ = ['resolve_target', 'scale_maps', 'gradcam', 'last_conv_block', 'cam_terms', 'ApproximateCAMWarning', 'cam',
@@ -94,13 +94,11 @@ def scale_maps(maps:Tensor, # Raw maps (B,h,w)
         return _scaled(m - lo[:, None, None], lo, hi)
 
 # %% ../nbs/03_methods.ipynb #12e4b87a
-class _GradFrom:
+class _GradFrom(HookSet):
     "In a forward pass under `torch.no_grad()`: the outputs of `pairs` become leaves that require grad, and grad is on from there"
     def __init__(self, pairs):
-        self.outputs,self.handles = {},[]
-        try:
-            for n,m in pairs: self.handles.append(m.register_forward_hook(self._hook(n)))
-        except BaseException: self.remove(); raise
+        self.outputs = {}
+        super().__init__(pairs, self._hook)
     def _hook(self, name):
         def hook(m, i, o):
             if not isinstance(o, Tensor): return
@@ -109,11 +107,6 @@ class _GradFrom:
             torch.set_grad_enabled(True)   # for the rest of the forward; the `no_grad` block restores the caller's mode
             return leaf.clone()            # downstream in-place ops change the copy, never the kept leaf
         return hook
-    def remove(self):
-        for h in self.handles: h.remove()
-        self.handles = []
-    def __enter__(self): return self
-    def __exit__(self, *args): self.remove()
 
 # %% ../nbs/03_methods.ipynb #757db4ed
 def gradcam(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
