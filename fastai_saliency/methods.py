@@ -344,9 +344,11 @@ def _minmax_channel_sum(t:Tensor) -> Tensor:
     lo,hi = _min_max(t)
     return _scaled(t.sum(1) - t.shape[1]*lo[:, None, None], lo, hi)
 
-# %% ../nbs/03_methods.ipynb #0496dc5c
+# %% ../nbs/03_methods.ipynb #dbc9e57f
 def fullgrad(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
              target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+             input_term:bool=True, # Add the input-gradient term |grad_x * x| (the reference does; see "Localising")
+             align_corners:bool=True, # Resize the layer terms with `align_corners=True` (the reference) or False
             ) -> Tensor:
     "FullGrad saliency maps (B,H,W) in [0,1] per image at input size, from one forward and one backward pass"
     with eval_mode(model), torch.enable_grad():
@@ -366,6 +368,7 @@ def fullgrad(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the 
             (gx,) = torch.autograd.grad(score.sum(), x)
     with _no_autocast(x):
         size = x.shape[-2:]
-        m = _minmax_channel_sum((gx * x.detach()).abs())
-        for s in acc.values(): m = m + F.interpolate(s[:, None], size=size, mode='bilinear', align_corners=True)[:, 0]
+        m = _minmax_channel_sum((gx * x.detach()).abs()) if input_term else x.new_zeros(x.shape[0], *size)
+        for s in acc.values():
+            m = m + F.interpolate(s[:, None], size=size, mode='bilinear', align_corners=align_corners)[:, 0]
         return scale_maps(m)
