@@ -451,11 +451,13 @@ class SaliencyCallback(Callback):
         try: self._close_writer(ended=False)
         except Exception: pass
 
-# %% ../nbs/05_callbacks.ipynb #6caa46b3
+# %% ../nbs/05_callbacks.ipynb #3aa073a2
 @delegates(SaliencyCallback, but=['method', 'layer'])
 class FullGradCallback(SaliencyCallback):
-    "`SaliencyCallback` with FullGrad maps (keyword arguments such as `input_term` go to `fullgrad`)"
-    def __init__(self, **kwargs): super().__init__('fullgrad', **kwargs)
+    "`SaliencyCallback` with FullGrad maps; by default the localising variant (bias terms of stride <= 4, see `08_evaluate`)"
+    def __init__(self, input_term:bool=False, # Add FullGrad's input term (the reference does)
+                 max_stride:int|None=4, # Leave out layer terms coarser than this; None: all layers (the reference)
+                 **kwargs): super().__init__('fullgrad', input_term=input_term, max_stride=max_stride, **kwargs)
 
 @delegates(SaliencyCallback, but=['method'])
 class GradCAMCallback(SaliencyCallback):
