@@ -38,7 +38,7 @@ for r in range(a.reps):
         if cbs: test_frames = len(cbs[0].frames); assert test_frames == 2, test_frames
 frame_t = {}
 for k in list(configs)[1:]:
-    cb = configs[k]()
+    cb = configs[k]()[0]
     learn.add_cb(cb)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)            # sets the probes up
     ts = []

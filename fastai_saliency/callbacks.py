@@ -276,11 +276,12 @@ _SALIENCY_METHODS = ('fullgrad', 'gradcam', 'cam')
 
 def _fmt_epoch(e:float) -> str: return f"{e:.0f}" if abs(e - round(e)) < 1e-6 else f"{e:.2f}"
 
-# %% ../nbs/05_callbacks.ipynb #2dc646ba
+# %% ../nbs/05_callbacks.ipynb #e50f0ecc
 class SaliencyCallback(Callback):
     "Saliency maps of fixed probe images before training, then every epoch or every `every` training batches"
     order,run_valid = 95,False
-    _stateattrs = ('writer', 'xb')          # not pickled by `learn.export()`
+    _stateattrs = ('writer', 'probe_xb')          # not pickled by `learn.export()`
+    def _init_state(self): self.probe_xb = self.writer = None
     def __init__(self, method='fullgrad', # 'fullgrad', 'gradcam', 'cam', or a function `(model, xb, target) -> maps (B,H,W)`
                  items=None, # Probes: validation indices, files, PIL images or a batch; None: `n` validation items spread over the classes
                  n:int=8, # How many probes when `items` is None
@@ -298,7 +299,7 @@ class SaliencyCallback(Callback):
             raise ValueError(f"target must be 'label', 'pred', None, an int or one int per probe; got {target!r}")
         if method == 'fullgrad' and layer is not None: raise ValueError("FullGrad uses every layer: layer must be None")
         store_attr('method,items,n,every,layer,target,store,kwargs')
-        self.xb = self.writer = None
+        self.probe_xb = self.writer = None
         self.reset()
 
     def reset(self):
@@ -320,7 +321,7 @@ class SaliencyCallback(Callback):
                 items = (spread_over_classes(labels, self.n) if labels is not None
                          else list(range(0, nv, max(1, nv//self.n)))[:self.n])
             xb,ys = _items_batch(self.learn, items, self.n)
-            self.xb,self.labels = xb.detach(),(None if ys is None else ys.as_subclass(Tensor).long().cpu())
+            self.probe_xb,self.labels = xb.detach(),(None if ys is None else ys.as_subclass(Tensor).long().cpu())
             self.item_idxs = items if isinstance(items, list) and all(isinstance(i, int) for i in items) else None
         self.norm = _dls_norm(self.learn)
         self.vocab = getattr(self.dls, 'vocab', None)
@@ -332,8 +333,8 @@ class SaliencyCallback(Callback):
         if not self.run: return
         self._close_writer(ended=False)          # the run of an earlier fit that raised
         self.iters_done = self._seen             # training batches of earlier fits, also of one that raised
-        if self.xb is None: self._setup_probes()
-        self.n_batches = len(self.dls.train)
+        if self.probe_xb is None: self._setup_probes()
+        self.n_batches = max(1, len(self.dls.train))   # for the epoch of a frame: iteration / batches per epoch
         if self.store is not None:
             self.writer = SnapshotWriter(self.store, meta=dict(
                 writer='SaliencyCallback', method=self.method_name, layer=self.layer, every=self.every,
@@ -365,7 +366,7 @@ class SaliencyCallback(Callback):
         "Predictions and maps of the probes with the model as it is now"
         model = self.learn.model
         p = next(model.parameters(), None)
-        xb = self.xb if p is None else self.xb.to(p.device)
+        xb = self.probe_xb if p is None else self.probe_xb.to(p.device)
         with eval_mode(model), torch.no_grad(): logits = model(xb).as_subclass(Tensor).float()
         if self.target == 'label': t = self.labels if self.labels is not None else logits.argmax(1)
         elif self.target in (None, 'pred'): t = logits.argmax(1)
@@ -416,12 +417,12 @@ class SaliencyCallback(Callback):
                 ncols:int=None, interval:int=700, **kwargs) -> animation.FuncAnimation:
         "A matplotlib animation, one frame per recorded moment: each probe and its map, titled with the prediction"
         self._check_frames()
-        probes = list(range(len(self.xb))) if probes is None else listify(probes)
+        probes = list(range(len(self.probe_xb))) if probes is None else listify(probes)
         nf = len(self.frames)
         titles = [[self._probe_title(f, i) for i in probes] for f in range(nf)]
         if len(probes) == 1: titles = [[f"epoch {_fmt_epoch(self.epochs[f])}: {t[0]}"] for f,t in enumerate(titles)]
         fts = [f"{self.method_name}, epoch {_fmt_epoch(e)}" for e in self.epochs]
-        return plot.animate(self.xb[probes].cpu(), self.maps[:, probes], titles_frames=titles, frame_titles=fts,
+        return plot.animate(self.probe_xb[probes].cpu(), self.maps[:, probes], titles_frames=titles, frame_titles=fts,
                             stats=self.norm, ncols=ncols or min(len(probes), 4), interval=interval, **kwargs)
 
     def save_gif(self, fname, fps:float=2, **kwargs) -> Path:
@@ -435,16 +436,17 @@ class SaliencyCallback(Callback):
     def show_frames(self, probes=None, max_frames:int=6, size:float=1.8, cmap='jet', alpha:float=0.5):
         "A grid, probes by frames (at most `max_frames`, evenly spaced, first and last included); returns the figure"
         self._check_frames()
-        probes = list(range(len(self.xb))) if probes is None else listify(probes)
+        probes = list(range(len(self.probe_xb))) if probes is None else listify(probes)
         nf = len(self.frames)
         fs = sorted(set(np.linspace(0, nf - 1, min(nf, max_frames)).round().astype(int).tolist()))
-        fig,axs = plt.subplots(len(probes), len(fs), figsize=(size*len(fs), size*1.15*len(probes)), squeeze=False)
+        fig,axs = plt.subplots(len(probes), len(fs), figsize=(size*len(fs), size*1.15*len(probes) + 0.4), squeeze=False,
+                               layout='constrained')   # keeps the figure title clear of the first row's titles
         for r,i in enumerate(probes):
-            img = plot.to_image(self.xb[i].cpu(), self.norm)
+            img = plot.to_image(self.probe_xb[i].cpu(), self.norm)
             for c,f in enumerate(fs):
                 ax = axs[r, c]; ax.imshow(plot.blend(img, self.maps[f, i], cmap, alpha)); ax.axis('off')
                 ax.set_title(f"epoch {_fmt_epoch(self.epochs[f])}\n{self._name(self.preds[f, i])} {float(self.probs[f, i]):.0%}", fontsize=8)
-        fig.suptitle(f"{self.method_name} of {len(probes)} probes along training"); fig.tight_layout()
+        fig.suptitle(f"{self.method_name} of {len(probes)} probes along training")
         return fig
 
     def __del__(self):

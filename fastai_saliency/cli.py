@@ -28,7 +28,7 @@ def _positive_int(lo=1, hi=None):
         return v
     return f
 
-# %% ../nbs/09_cli.ipynb #37569465
+# %% ../nbs/09_cli.ipynb #95a8268a
 def demo_parser() -> argparse.ArgumentParser:
     "The argument parser of `fastai-saliency`"
     p = argparse.ArgumentParser(prog='fastai-saliency', description='See what a fastai CNN looks at while it trains.')
@@ -37,7 +37,7 @@ def demo_parser() -> argparse.ArgumentParser:
                        description='Make SynthSigns, train a resnet18 from scratch with saliency callbacks and write '
                                    'evolution.gif, layers.png, pointing.png and report.html to --out.')
     d.add_argument('--out', type=Path, default=Path('demo_out'), help='folder for the results (default: demo_out)')
-    d.add_argument('--epochs', type=_positive_int(1, 100), default=5, help='training epochs (default: 5)')
+    d.add_argument('--epochs', type=_positive_int(1, 100), default=4, help='training epochs (default: 4)')
     d.add_argument('--size', type=_positive_int(32, 224), default=64, help='image side in px, 32..224 (default: 64)')
     d.add_argument('--n-per-class', type=_positive_int(5, 5000), default=200, help='images per class (default: 200)')
     d.add_argument('--seed', type=int, default=0, help='random seed (default: 0)')
@@ -53,8 +53,8 @@ def save_samples(dls, fname, n=12):
 def _save(fname):
     plt.savefig(fname, bbox_inches='tight', dpi=80); plt.close('all')
 
-# %% ../nbs/09_cli.ipynb #830634b8
-def save_training_stats(trial:Trial, fname, stages=('0.4', '0.5', '0.6', '0.7')):
+# %% ../nbs/09_cli.ipynb #89d547c4
+def save_training_stats(trial:Trial, fname, stages=('0.5', '0.6', '0.7')):
     "Plot the std of each stage's output and output gradient at every saved training step of `trial` to `fname`"
     steps = trial.steps(mode='train')
     fig,axs = plt.subplots(1, 2, figsize=(9, 3))
@@ -91,8 +91,8 @@ def write_report(fname, res:dict, curves:dict):
     table = f"<table><tr><th>epoch</th>{''.join(f'<th>{e}</th>' for e in range(n))}</tr>{rows}</table>"
     Path(fname).write_text(_PAGE.format(table=table, snaps=_html.escape(str(res['snapshots'])), **res))
 
-# %% ../nbs/09_cli.ipynb #89d179d4
-def run_demo(out='demo_out', epochs:int=5, size:int=64, n_per_class:int=200, seed:int=0, cpu:bool=False,
+# %% ../nbs/09_cli.ipynb #688b5099
+def run_demo(out='demo_out', epochs:int=4, size:int=64, n_per_class:int=200, seed:int=0, cpu:bool=False,
              n_probes:int=8) -> dict:
     "Make SynthSigns, train a resnet18 from scratch with the saliency callbacks, write the pictures and a report to `out`"
     matplotlib.use('Agg')
@@ -102,19 +102,22 @@ def run_demo(out='demo_out', epochs:int=5, size:int=64, n_per_class:int=200, see
     path = synth_signs(out/'data', n_per_class=n_per_class, size=size, seed=seed)
     set_seed(seed, reproducible=True)
     device = default_device(not cpu)
-    dls = synth_signs_dls(path, bs=64, num_workers=0, device=device)
+    n_train = int((~read_boxes(path).is_valid.astype(bool)).sum())
+    bs = min(64, max(2, n_train//4))                   # tiny data sets (tests) still get a few batches per epoch
+    dls = synth_signs_dls(path, bs=bs, num_workers=0, device=device)
     save_samples(dls, out/'samples.png')
     fg,gc = FullGradCallback(n=n_probes, store=out/'saliency'),GradCAMCallback('0.5', n=n_probes)
-    snap = SnapshotCallback(out/'snapshots', every=max(1, len(dls.train)//2), valid_every=0, dtype=torch.float16,
-                            include=['0.4', '0.5', '0.6', '0.7', 'logits', 'target'])
+    snap = SnapshotCallback(out/'snapshots', every=len(dls.train), valid_every=0, dtype=torch.float16,   # once an epoch
+                            include=['0.5', '0.6', '0.7', 'logits', 'target'])
     learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy, cbs=[fg, gc, snap])
-    print(f"Training resnet18 from scratch for {epochs} epochs on {device}, with FullGrad and Grad-CAM of {n_probes} probes")
+    print(f"Training resnet18 from scratch for {epochs} epochs on {device}, with FullGrad and Grad-CAM of {n_probes} probes "
+          f"({time.time() - t0:.0f} s so far)")
     learn.fit_one_cycle(epochs, 3e-3)
     loss,acc = learn.validate()
-    print("Writing the pictures")
+    print(f"Writing the pictures ({time.time() - t0:.0f} s so far)")
     df = read_boxes(path); vdf = df[df.is_valid.astype(bool)].reset_index(drop=True)
     boxes = vdf.loc[fg.item_idxs, ['x1', 'y1', 'x2', 'y2']].values
-    curves = {'FullGrad': pointing_curve(fg.maps, boxes), "Grad-CAM at '0.5'": pointing_curve(gc.maps, boxes)}
+    curves = {'FullGrad (localising)': pointing_curve(fg.maps, boxes), "Grad-CAM at '0.5'": pointing_curve(gc.maps, boxes)}
     chance = box_area_share(boxes, (size, size))
     fg.save_gif(out/'evolution.gif', fps=1.5)
     fg.show_frames(); _save(out/'frames.png')
@@ -133,7 +136,8 @@ def run_demo(out='demo_out', epochs:int=5, size:int=64, n_per_class:int=200, see
     write_report(out/'report.html', dict(res, acc=res['accuracy'], loss=res['valid_loss'], n_img=len(df),
                                          n_cls=dls.c), curves)
     (out/'results.json').write_text(json.dumps(res, indent=2))
-    print(f"Validation accuracy {acc:.3f}; FullGrad pointing game {curves['FullGrad'][0]:.2f} -> {curves['FullGrad'][-1]:.2f}; "
+    c = curves["Grad-CAM at '0.5'"]
+    print(f"Validation accuracy {acc:.3f}; Grad-CAM maps on the sign: {c[0]:.0%} before training, {c[-1]:.0%} after; "
           f"wrote {', '.join(files)} to {out} in {res['seconds']:.0f} s")
     return res
 

@@ -1,0 +1,110 @@
+"SaliencyCallback / FullGradCallback / GradCAMCallback in real fits: with other callbacks, fine_tune, export, files, errors."
+import warnings
+import pytest, torch
+from torch import nn
+from fastai.vision.all import (Learner, vision_learner, resnet18, ConvLayer, Flatten, set_seed, accuracy, load_learner,
+                               CancelFitException, Callback)
+from fastai_saliency.data import synth_signs, synth_signs_dls, read_boxes
+from fastai_saliency.hooks import n_hooks
+from fastai_saliency.methods import fullgrad, gradcam
+from fastai_saliency.callbacks import SaliencyCallback, FullGradCallback, GradCAMCallback, SnapshotCallback
+from fastai_saliency.store import Trial
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+@pytest.fixture(scope='module')
+def signs(tmp_path_factory):
+    return synth_signs(tmp_path_factory.mktemp('signs')/'s', n_per_class=10, size=32, n_classes=6, seed=1)
+
+def tiny(c):
+    return nn.Sequential(ConvLayer(3, 8, stride=2), ConvLayer(8, 16, stride=2), nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(16, c))
+
+def dls_of(path, bs=8): return synth_signs_dls(path, bs=bs, num_workers=0)
+
+def test_with_snapshot_callback_both_runs_readable(signs, tmp_path):
+    "Snapshots and saliency frames in one fit, each in its own store; Trial reads both; no hooks left"
+    dls = dls_of(signs)
+    cbs = [SnapshotCallback(tmp_path/'snaps', every=2, valid_every=0), FullGradCallback(n=3, store=tmp_path/'sal')]
+    learn = Learner(dls, tiny(dls.c), cbs=cbs)
+    learn.fit(2, 1e-2)
+    assert n_hooks(learn.model) == 0
+    n = len(dls.train)
+    assert Trial(tmp_path/'snaps').steps(mode='train') == list(range(0, 2*n, 2))
+    tr = Trial(tmp_path/'sal')
+    assert tr.steps(mode='predict') == [0, n, 2*n] and tr.loaded_all_steps
+    assert tr.step_info(n, mode='predict')['epoch'] == pytest.approx(1.0)
+
+def test_fine_tune_keeps_frames_of_both_fits(signs):
+    dls = dls_of(signs)
+    learn = vision_learner(dls, resnet18, pretrained=False, cbs=GradCAMCallback('0.5', n=2))
+    with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, 1e-3, freeze_epochs=1)
+    cb = learn.grad_cam
+    n = len(dls.train)
+    assert [f['iteration'] for f in cb.frames] == [0, n, 2*n]
+    assert cb.epochs == [0, 1, 2]
+    torch.testing.assert_close(cb.maps[-1], gradcam(learn.model, cb.probe_xb, '0.5', target=cb.labels), atol=2e-3, rtol=0)
+
+def test_export_and_load_learner(signs, tmp_path):
+    "learn.export() works with the callback attached (the probe batch and writer are not pickled)"
+    dls = dls_of(signs)
+    learn = Learner(dls, tiny(dls.c), cbs=FullGradCallback(n=2, store=tmp_path/'sal'), path=tmp_path)
+    learn.fit(1, 1e-2)
+    learn.export('m.pkl')
+    new = load_learner(tmp_path/'m.pkl')
+    assert isinstance(new.full_grad, FullGradCallback) and new.full_grad.probe_xb is None and new.full_grad.writer is None
+
+def test_probes_from_files_use_predicted_class(signs):
+    "Probe files have no label: the maps explain the predicted class"
+    dls = dls_of(signs)
+    df = read_boxes(signs)
+    files = [signs/f for f in df.fname[:3]]
+    learn = Learner(dls, tiny(dls.c), cbs=FullGradCallback(items=files))
+    learn.fit(1, 1e-2)
+    cb = learn.full_grad
+    assert cb.labels is None and cb.item_idxs is None and cb.maps.shape == (2, 3, 32, 32)
+    assert torch.equal(cb.targets, cb.preds)
+
+def test_bad_layer_fails_before_training_with_no_hooks(signs):
+    dls = dls_of(signs)
+    learn = Learner(dls, tiny(dls.c), cbs=GradCAMCallback('layer9'))
+    with pytest.raises(ValueError, match="no layer 'layer9'"): learn.fit(1, 1e-2)
+    assert n_hooks(learn.model) == 0 and learn.grad_cam.frames == []
+
+def test_cancelled_fit_keeps_frames_and_store_without_end_marker(signs, tmp_path):
+    dls = dls_of(signs)
+    class Stop(Callback):
+        def before_epoch(self):
+            if self.epoch == 1: raise CancelFitException()
+    learn = Learner(dls, tiny(dls.c), cbs=[FullGradCallback(n=2, store=tmp_path/'sal'), Stop()])
+    learn.fit(3, 1e-2)
+    assert len(learn.full_grad.frames) == 2
+    tr = Trial(tmp_path/'sal')
+    assert tr.steps(mode='predict') == [0, len(dls.train)] and not tr.loaded_all_steps   # the run did not end
+
+def test_target_per_probe_and_custom_method(signs):
+    dls = dls_of(signs)
+    calls = []
+    def energy(model, xb, target):
+        calls.append(target.tolist())
+        return xb.float().pow(2).sum(1)
+    learn = Learner(dls, tiny(dls.c), cbs=SaliencyCallback(energy, items=[0, 1], target=[2, 3]))
+    learn.fit(1, 1e-2)
+    assert calls == [[2, 3], [2, 3]] and learn.saliency.method_name == 'energy'
+    m = learn.saliency.maps[0]
+    assert torch.allclose(m, learn.saliency.probe_xb.float().pow(2).sum(1).half().float())
+
+def test_frames_do_not_depend_on_the_other_callbacks(signs):
+    "The same seed gives the same frames alone and beside another saliency callback"
+    def run(cbs):
+        set_seed(3)
+        dls = dls_of(signs)
+        learn = Learner(dls, tiny(dls.c), cbs=cbs)
+        with learn.no_logging(): learn.fit(2, 1e-2)
+        return learn
+    a = run([FullGradCallback(n=3)])
+    b = run([FullGradCallback(n=3), GradCAMCallback('1', every=1, n=4)])
+    assert torch.equal(a.full_grad.maps, b.full_grad.maps)
