@@ -276,7 +276,7 @@ _SALIENCY_METHODS = ('fullgrad', 'gradcam', 'cam')
 
 def _fmt_epoch(e:float) -> str: return f"{e:.0f}" if abs(e - round(e)) < 1e-6 else f"{e:.2f}"
 
-# %% ../nbs/05_callbacks.ipynb #2d4e1e44
+# %% ../nbs/05_callbacks.ipynb #88acb8dc
 class SaliencyCallback(Callback):
     "Saliency maps of fixed probe images before training, then every epoch or every `every` training batches"
     order,run_valid = 95,False
@@ -407,16 +407,19 @@ class SaliencyCallback(Callback):
 
     def _name(self, i) -> str: return str(self.vocab[i]) if self.vocab is not None else str(int(i))
     def _probe_title(self, f:int, i:int) -> str:
+        "'predicted <class> (p%)', and the true class on a second line where known (the same lines in every frame)"
         pred,prob = int(self.preds[f, i]),float(self.probs[f, i])
         s = f"predicted {self._name(pred)} ({prob:.0%})"
-        if self.labels is not None and int(self.labels[i]) != pred: s += f"\ntrue: {self._name(self.labels[i])}"
+        if self.labels is not None:
+            y = int(self.labels[i])
+            s += "\n" + ("right" if y == pred else f"true: {self._name(y)}")
         return s
 
     def _check_frames(self):
         if not self.frames: raise ValueError("no frames yet: fit the learner with this callback first")
 
     def animate(self, probes=None, # Which probes (indices into the probe batch); None: all
-                ncols:int=None, interval:int=700, **kwargs) -> animation.FuncAnimation:
+                ncols:int=None, interval:int=700, size:float=2.0, **kwargs) -> animation.FuncAnimation:
         "A matplotlib animation, one frame per recorded moment: each probe and its map, titled with the prediction"
         self._check_frames()
         probes = list(range(len(self.probe_xb))) if probes is None else listify(probes)
@@ -425,11 +428,11 @@ class SaliencyCallback(Callback):
         if len(probes) == 1: titles = [[f"epoch {_fmt_epoch(self.epochs[f])}: {t[0]}"] for f,t in enumerate(titles)]
         fts = [f"{self.method_name}, epoch {_fmt_epoch(e)}" for e in self.epochs]
         return plot.animate(self.probe_xb[probes].cpu(), self.maps[:, probes], titles_frames=titles, frame_titles=fts,
-                            stats=self.norm, ncols=ncols or min(len(probes), 4), interval=interval, **kwargs)
+                            stats=self.norm, ncols=ncols or min(len(probes), 4), interval=interval, size=size, **kwargs)
 
-    def save_gif(self, fname, fps:float=2, **kwargs) -> Path:
+    def save_gif(self, fname, fps:float=2, dpi:int=80, **kwargs) -> Path:
         "Write the animation (see `animate`) to the GIF `fname`; returns its path"
-        return plot.save_gif(self.animate(**kwargs), fname, fps=fps)
+        return plot.save_gif(self.animate(**kwargs), fname, fps=fps, dpi=dpi)
 
     def to_html(self, **kwargs) -> str:
         "The animation as HTML with play controls, for notebooks: `IPython.display.HTML(cb.to_html())`"

@@ -109,7 +109,7 @@ def show_maps(images, # Images as `to_image` takes them (a batch tensor works)
     fig.tight_layout()
     return fig
 
-# %% ../nbs/04_plot.ipynb #744c821a
+# %% ../nbs/04_plot.ipynb #5586e296
 def animate(images, # The N images, as `to_image` takes them
             maps_frames, # T frames of N maps (H,W) in [0,1]: (T,N,H,W) or nested lists
             titles_frames=None, # T lists of N titles (one per item per frame), or None
@@ -133,24 +133,24 @@ def animate(images, # The N images, as `to_image` takes them
         if ax_img is not None: ax_img.imshow(ims[i])
         arts.append(ax_map.imshow(blend(ims[i], frames[0][i], cmap, alpha)))
     sup = fig.suptitle('')
-    fig.tight_layout()
     def draw(t):
         for i,art in enumerate(arts):
             art.set_data(blend(ims[i], frames[t][i], cmap, alpha))
             if titles_frames is not None: pairs[i][1].set_title(titles_frames[t][i])
         if frame_titles is not None: sup.set_text(frame_titles[t])
         return arts
-    draw(0)
+    draw(0)                                  # the first frame's titles, so that the layout leaves room for them
+    fig.tight_layout(rect=None if frame_titles is None else (0, 0, 1, 1 - 0.4/fig.get_figheight()))
     anim = animation.FuncAnimation(fig, draw, frames=len(frames), interval=interval, blit=False)
     plt.close(fig)   # the animation owns the figure: no stray static plot in notebooks
     return anim
 
-# %% ../nbs/04_plot.ipynb #2d9410db
-def save_gif(anim:animation.FuncAnimation, fname, fps:float=2) -> Path:
-    "Write `anim` to the GIF `fname` (Pillow, no external tools); returns its path"
+# %% ../nbs/04_plot.ipynb #fb457c45
+def save_gif(anim:animation.FuncAnimation, fname, fps:float=2, dpi=None) -> Path:
+    "Write `anim` to the GIF `fname` (Pillow, no external tools) at `dpi` (default: the figure's); returns its path"
     fname = Path(fname)
     fname.parent.mkdir(parents=True, exist_ok=True)
-    anim.save(fname, writer=animation.PillowWriter(fps=fps))
+    anim.save(fname, writer=animation.PillowWriter(fps=fps), dpi=dpi)
     return fname
 
 # %% ../nbs/04_plot.ipynb #87718be2
