@@ -128,10 +128,9 @@ def _one_image(learn:Learner, item) -> tuple:
         raise ValueError(f"one image at a time: item gives {len(xb)}; pass one validation index, file, PIL image or (C,H,W) tensor")
     return xb,ys
 
-# %% ../nbs/06_learner.ipynb #edfa64d5
+# %% ../nbs/06_learner.ipynb #4b7b7c0f
 def _layer_maps(learn:Learner, xb, method:str, layers, target) -> tuple:
     "Maps (1,H,W) at `layers` (default: `depth_layers`) for the one-image batch `xb`, and each layer's native (h,w)"
-    if layers is None: layers = methods.depth_layers(learn.model)
     if method == 'activation': return methods._activation_maps(learn.model, xb, layers)
     return methods._gradcam_layers(learn.model, xb, layers, target=target)
 

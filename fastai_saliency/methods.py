@@ -116,7 +116,20 @@ def _gradcam_map(acts:Tensor, grads:Tensor, relu:bool=True) -> Tensor:
         m = (grads.mean((2, 3), keepdim=True) * acts).sum(1)
         return m.clamp_min(0) if relu else m
 
-# %% ../nbs/03_methods.ipynb #46cc842e
+# %% ../nbs/03_methods.ipynb #0e2a3abe
+def _check_outputs(pairs, shapes:dict, what:str):
+    "The errors of `gradcam` for layers that are not called or give no (B,C,h,w) output (`shapes`: name -> shape)"
+    for n,m in pairs:
+        if n not in shapes: raise ValueError(f"layer {n!r} ({type(m).__name__}) is not called in the model's forward pass")
+        if len(shapes[n]) != 4:
+            raise ValueError(f"{what} needs a layer with a (B,C,h,w) output; {n!r} ({type(m).__name__}) gives {tuple(shapes[n])}")
+
+def _check_grads(names, grads:dict):
+    "The error of `gradcam` for a layer the target logits do not depend on (`grads`: name -> gradient or None)"
+    for n in names:
+        if grads.get(n) is None: raise ValueError(f"the logits do not depend on the output of {n!r}: pick a layer on the path to the output")
+
+# %% ../nbs/03_methods.ipynb #4f9a8696
 def gradcam(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
             layer, # A name (`'layer4'`, `'0.7'`), a module of `model`, or a regex matching one name
             target=None, # None (predicted class), an int, one int per image, or a callable on the logits
@@ -128,12 +141,10 @@ def gradcam(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the m
         x = _prep_input(model, xb)
         with _GradFrom([(name, mod)]) as g, torch.no_grad(): logits = _forward(model, x)
         acts = g.outputs.get(name)
-        if acts is None: raise ValueError(f"layer {name!r} ({type(mod).__name__}) is not called in the model's forward pass")
-        if acts.dim() != 4:
-            raise ValueError(f"Grad-CAM needs a layer with a (B,C,h,w) output; {name!r} ({type(mod).__name__}) gives {tuple(acts.shape)}")
+        _check_outputs([(name, mod)], {} if acts is None else {name: acts.shape}, 'Grad-CAM')
         t,score = _target_score(logits, target)
         grads = torch.autograd.grad(score.sum(), acts, allow_unused=True)[0] if score.requires_grad else None
-    if grads is None: raise ValueError(f"the logits do not depend on the output of {name!r}: pick a layer on the path to the output")
+    _check_grads([name], {name: grads})
     return scale_maps(_gradcam_map(acts, grads, relu), x.shape[-2:])
 
 # %% ../nbs/03_methods.ipynb #62e72ccb
@@ -211,15 +222,7 @@ def _layer_pairs(model:nn.Module, layers) -> list:
     if not pairs: raise ValueError("layers is empty: give names, modules or regexes, or None for depth_layers(model)")
     return list(pairs.items())
 
-# %% ../nbs/03_methods.ipynb #b3d26841
-def _check_outputs(pairs, shapes:dict, what:str):
-    "The errors of `gradcam` for layers that are not called or give no (B,C,h,w) output (`shapes`: name -> shape)"
-    for n,m in pairs:
-        if n not in shapes: raise ValueError(f"layer {n!r} ({type(m).__name__}) is not called in the model's forward pass")
-        if len(shapes[n]) != 4:
-            raise ValueError(f"{what} needs a layer with a (B,C,h,w) output; {n!r} ({type(m).__name__}) gives {tuple(shapes[n])}")
-
-# %% ../nbs/03_methods.ipynb #c4782334
+# %% ../nbs/03_methods.ipynb #e5cfe796
 def _gradcam_layers(model, xb, layers, target=None, relu=True) -> tuple:
     "`gradcam_layers`'s maps and the native (h,w) of each layer's output"
     pairs = _layer_pairs(model, layers)
@@ -231,9 +234,7 @@ def _gradcam_layers(model, xb, layers, target=None, relu=True) -> tuple:
         t,score = _target_score(logits, target)
         need = [n for n,_ in pairs if acts[n].requires_grad] if score.requires_grad else []
         grads = dict(zip(need, torch.autograd.grad(score.sum(), [acts[n] for n in need], allow_unused=True) if need else []))
-    for n,_ in pairs:
-        if grads.get(n) is None:
-            raise ValueError(f"the logits do not depend on the output of {n!r}: pick a layer on the path to the output")
+    _check_grads([n for n,_ in pairs], grads)
     maps = {n:scale_maps(_gradcam_map(acts[n], grads[n], relu), x.shape[-2:]) for n,_ in pairs}
     return maps, {n:tuple(acts[n].shape[-2:]) for n,_ in pairs}
 
