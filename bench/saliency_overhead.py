@@ -10,7 +10,7 @@ import time, tempfile, argparse, statistics
 from pathlib import Path
 from fastai.vision.all import *
 from fastai_saliency.data import synth_signs, synth_signs_dls
-from fastai_saliency.callbacks import FullGradCallback, GradCAMCallback
+from fastai_saliency.saliency import FullGradCallback, GradCAMCallback
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument('--reps', type=int, default=2, help='timed one-epoch fits per configuration')

@@ -14,7 +14,7 @@ import time, tempfile, argparse, shutil, json, statistics
 from pathlib import Path
 from fastai.vision.all import *
 from fastai_saliency.data import synth_signs, synth_signs_dls
-from fastai_saliency.callbacks import SnapshotCallback
+from fastai_saliency.snapshot import SnapshotCallback
 from fastai_saliency.store import SnapshotWriter
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,10 +1,15 @@
-# Hand-written: re-exports the public names, so users write `from fastai_saliency.all import *`.
+# Hand-written: re-exports fastai's vision names and the package's public names, as fastxtend's `all` does, so that
+# `from fastai_saliency.all import *` is the one import a user needs.
+from fastai.vision.all import *
 from .hooks import *
 from .store import *
 from .data import *
+from .learn_io import *
 from .methods import *
 from .plot import *
-from .callbacks import *
+from .snapshot import *
+from .saliency import *
 from .learner import *
+from .capture import *
 from .monitor import *
 from .evaluate import *

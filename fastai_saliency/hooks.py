@@ -10,7 +10,8 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['module_names', 'find_layer', 'find_layers', 'HookSet', 'Capture', 'n_hooks', 'GraphOutputs', 'eval_mode']
+__all__ = ['module_names', 'find_layer', 'find_layers', 'HookSet', 'Capture', 'n_hooks', 'graph_leaf', 'GraphOutputs',
+           'eval_mode', 'model_device']
 
 # %% ../nbs/00_hooks.ipynb #537c57e9
 def module_names(model:nn.Module) -> list:
@@ -84,12 +85,18 @@ def _detach_copy(t:Tensor) -> Tensor: return t.detach().as_subclass(Tensor).clon
 
 # %% ../nbs/00_hooks.ipynb #6ddf9dcd
 class HookSet:
-    "Forward hooks made by `make_hook(name)` on `(name, module)` pairs, removed on leaving a `with` block, on error, or when collected"
-    def __init__(self, pairs, make_hook):
+    "Forward hooks (`make_hook(name)`) and forward pre-hooks (`make_pre(name)`) on `(name, module)` pairs, removed on leaving a `with` block, on error, or when collected"
+    def __init__(self, pairs, make_hook=None, make_pre=None):
         self.handles = []
         try:
-            for n,m in pairs: self.handles.append(m.register_forward_hook(make_hook(n)))
+            for n,m in pairs:
+                if make_pre is not None: self.handles.append(m.register_forward_pre_hook(make_pre(n)))
+                if make_hook is not None: self.handles.append(m.register_forward_hook(make_hook(n)))
         except BaseException: self.remove(); raise
+    @property
+    def wrt(self) -> dict:
+        "Tensors of the last forward pass that a backward pass should reach (name -> tensor); none by default"
+        return {}
     def remove(self):
         "Remove every hook (also called on leaving the `with` block)"
         for h in self.handles: h.remove()
@@ -107,19 +114,23 @@ class Capture(HookSet):
                  fn_act=_detach_copy, # Applied to an output before it is kept (default: detached copy)
                  fn_grad=_detach_copy, # Applied to a gradient before it is kept
                  on_act=None, on_grad=None, # Or called as `on_act(name, tensor)` instead of keeping
+                 hook=None, # `hook(module, input, output)` -> what to keep of an output (None: nothing); default: the output
                 ):
         pairs = layers if _is_pairs(layers) else find_layers(model, layers)
         self.names = [n for n,_ in pairs]
         self.acts,self.grads = {},{}
         self.fn_act,self.fn_grad,self.on_act,self.on_grad,self.want_acts,self.want_grads = fn_act,fn_grad,on_act,on_grad,acts,grads
+        self.hook = hook
         super().__init__(pairs, self._fwd_hook)
 
     def _fwd_hook(self, name):
         def hook(m, i, o):
             if not isinstance(o, Tensor): return
             if self.want_acts:
-                if self.on_act is not None: self.on_act(name, o)
-                else: self.acts[name] = self.fn_act(o)
+                a = o if self.hook is None else self.hook(m, i, o)
+                if a is not None:
+                    if self.on_act is not None: self.on_act(name, a)
+                    else: self.acts[name] = self.fn_act(a)
             if self.want_grads and o.requires_grad and torch.is_grad_enabled():
                 node,idx = _grad_node(o)
                 if node is not None: node.register_prehook(self._grad_hook(name, idx))
@@ -145,17 +156,28 @@ def n_hooks(model:nn.Module) -> int:
                + len(getattr(m, '_backward_pre_hooks', {})) for m in model.modules())
 
 # %% ../nbs/00_hooks.ipynb #b203db42
+def graph_leaf(t:Tensor) -> Tensor:
+    "`t` as a plain leaf tensor that requires grad, with grad mode on from here (for the rest of a forward pass)"
+    leaf = t.detach().as_subclass(Tensor).requires_grad_()
+    torch.set_grad_enabled(True)
+    return leaf
+
+#| export
 class GraphOutputs(HookSet):
-    "Keep the graph-attached outputs of `layers` (as plain tensors) in `outputs` while in a `with` block"
+    "Keep the outputs of `layers` as tensors of the graph (leaves where no graph reaches them) in `outputs` while in a `with` block"
     def __init__(self, model:nn.Module, layers):
         pairs = layers if _is_pairs(layers) else find_layers(model, layers)
         self.names,self.outputs = [n for n,_ in pairs],{}
         super().__init__(pairs, self._hook)
 
+    @property
+    def wrt(self) -> dict: return self.outputs
+
     def _hook(self, name):
         def hook(m, i, o):
             if not isinstance(o, Tensor): return
             t = o.as_subclass(Tensor) if type(o) is not Tensor else o
+            if not (t.requires_grad and torch.is_grad_enabled()): t = graph_leaf(t)   # the graph starts here
             self.outputs[name] = t
             return t.clone()       # downstream in-place ops change the copy, never the kept output
         return hook
@@ -169,3 +191,10 @@ def eval_mode(model:nn.Module):
     try: yield model
     finally:
         for m,t in modes: m.training = t
+
+# %% ../nbs/00_hooks.ipynb #561cac50
+def model_device(model:nn.Module) -> torch.device:
+    "The device of `model`'s first parameter (or buffer); the CPU for a model without either"
+    t = next(model.parameters(), None)
+    if t is None: t = next(model.buffers(), None)
+    return torch.device('cpu') if t is None else t.device

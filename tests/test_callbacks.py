@@ -7,7 +7,8 @@ from fastai.vision.all import (Learner, vision_learner, resnet18, ConvLayer, Fla
 from fastai_saliency.data import synth_signs, synth_signs_dls, read_boxes
 from fastai_saliency.hooks import n_hooks
 from fastai_saliency.methods import fullgrad, gradcam
-from fastai_saliency.callbacks import SaliencyCallback, FullGradCallback, GradCAMCallback, SnapshotCallback
+from fastai_saliency.saliency import SaliencyCallback, FullGradCallback, GradCAMCallback
+from fastai_saliency.snapshot import SnapshotCallback
 from fastai_saliency.store import Trial
 
 @pytest.fixture(autouse=True, scope='module')

@@ -7,9 +7,9 @@ from torch import nn
 import torch.nn.functional as F
 from fastai.basics import Learner, DataLoaders, set_seed, CrossEntropyLossFlat
 import fastai.callback.progress   # Learner.no_bar
-from fastai_saliency.monitor import (PredictionMonitor, ClassImbalance, MonitorWarning, MonitorReport, Violation, read_capture,
-                                     _capture_files)
-from fastai_saliency.callbacks import SnapshotCallback
+from fastai_saliency.monitor import PredictionMonitor, ClassImbalance, MonitorWarning, MonitorReport, Violation
+from fastai_saliency.capture import read_capture, capture_files
+from fastai_saliency.snapshot import SnapshotCallback
 from fastai_saliency.store import Trial
 
 GTSRB = [f'sign {i}' for i in range(43)]; GTSRB[14] = 'Stop'
@@ -365,7 +365,7 @@ def test_capture_sampling_is_seeded(tmp_path):
 def test_capture_rotates_by_size(tmp_path):
     mon = PredictionMonitor(capture=tmp_path, max_bytes=1000, vocab=GTSRB)
     for chunk in origin_probs().split(7): mon.update(chunk)
-    files = _capture_files(tmp_path)
+    files = capture_files(tmp_path)
     assert len(files) > 10
     assert all(f.stat().st_size <= 1000 for f in files)
     assert all(f.read_bytes().endswith(b'\n') for f in files)
@@ -377,7 +377,7 @@ def test_capture_rotates_by_size(tmp_path):
 def test_capture_max_files(tmp_path):
     mon = PredictionMonitor(capture=tmp_path, max_bytes=500, max_files=3)
     for chunk in origin_probs().split(4): mon.update(chunk)
-    files = _capture_files(tmp_path)
+    files = capture_files(tmp_path)
     assert len(files) == 3
     ids = [r['id'] for r in read_capture(tmp_path)]
     assert ids[-1] == 399 and ids == list(range(ids[0], 400))       # the newest records, whole and in order
@@ -385,13 +385,13 @@ def test_capture_max_files(tmp_path):
 def test_capture_partial_line_left_by_a_crash(tmp_path):
     mon = PredictionMonitor(capture=tmp_path)
     mon.update(origin_probs()[:5])
-    f = _capture_files(tmp_path)[-1]
+    f = capture_files(tmp_path)[-1]
     with open(f, 'ab') as fh: fh.write(b'{"id":5,"time":"2024-01-01T00:0')   # a writer killed mid-line
     assert [r['id'] for r in read_capture(tmp_path)] == [0, 1, 2, 3, 4]
     assert [r['id'] for r in read_capture(f)] == [0, 1, 2, 3, 4]
     mon2 = PredictionMonitor(capture=tmp_path)                      # a restarted service
     mon2.update(origin_probs()[:2], ids=['a', 'b'])
-    assert len(_capture_files(tmp_path)) == 2                       # a new file: the partial line is never glued to a record
+    assert len(capture_files(tmp_path)) == 2                       # a new file: the partial line is never glued to a record
     assert [r['id'] for r in read_capture(tmp_path)] == [0, 1, 2, 3, 4, 'a', 'b']
 
 def test_capture_short_write_starts_a_new_file(tmp_path, monkeypatch):
@@ -403,7 +403,7 @@ def test_capture_short_write_starts_a_new_file(tmp_path, monkeypatch):
     monkeypatch.setattr(os, 'write', real_write)
     mon.update(origin_probs()[:1], ids=['after'])
     assert [r['id'] for r in read_capture(tmp_path)] == [0, 1, 'after']
-    assert len(_capture_files(tmp_path)) == 2
+    assert len(capture_files(tmp_path)) == 2
 
 WRITER = textwrap.dedent('''
     import sys, torch
@@ -420,7 +420,7 @@ def test_capture_survives_a_killed_writer(tmp_path):
     try:
         assert proc.stdout.readline().strip() == b'ready'
         t0 = time.monotonic()
-        while len(_capture_files(cap)) < 4 and time.monotonic() - t0 < 60: time.sleep(0.01)
+        while len(capture_files(cap)) < 4 and time.monotonic() - t0 < 60: time.sleep(0.01)
         for _ in range(20): read_capture(cap)                       # reading while the writer appends
     finally:
         proc.send_signal(signal.SIGKILL); proc.wait()
@@ -429,7 +429,7 @@ def test_capture_survives_a_killed_writer(tmp_path):
     assert len(recs) > 100
     assert [r['id'] for r in recs] == list(range(len(recs)))        # whole records, none lost before the last
     assert all(len(r['topk']) == 10 and len(r['names']) == 10 for r in recs)
-    assert all(f.stat().st_size <= 20_000 for f in _capture_files(cap))
+    assert all(f.stat().st_size <= 20_000 for f in capture_files(cap))
     mon = PredictionMonitor(capture=cap)                            # a restarted writer appends readable lines
     mon.update(origin_probs()[:3], ids=['r0', 'r1', 'r2'])
     assert [r['id'] for r in read_capture(cap)][-3:] == ['r0', 'r1', 'r2']

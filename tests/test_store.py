@@ -5,7 +5,7 @@ from pathlib import Path
 from torch import nn
 from fastai.basics import Learner, DataLoaders, Callback, CancelFitException, set_seed
 import fastai.callback.progress, fastai.callback.schedule   # Learner.no_bar, Learner.lr_find
-from fastai_saliency.callbacks import SnapshotCallback
+from fastai_saliency.snapshot import SnapshotCallback
 from fastai_saliency.hooks import n_hooks
 from fastai_saliency.store import Trial, SnapshotWriter, list_runs
 import fastai_saliency.store as store
@@ -168,7 +168,7 @@ WRITER = textwrap.dedent('''
     from torch import nn
     from fastai.basics import Learner, DataLoaders, Callback, set_seed
     import fastai.callback.progress
-    from fastai_saliency.callbacks import SnapshotCallback
+    from fastai_saliency.snapshot import SnapshotCallback
     path,background = sys.argv[1],sys.argv[2] == '1'
     set_seed(0)
     x,y = torch.randn(64, 3, 12, 12),torch.randint(0, 4, (64,))
