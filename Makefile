@@ -16,6 +16,7 @@ export JUPYTER_DATA_DIR := $(CACHE)/jupyter-data
 export MPLBACKEND := Agg
 export PYTHONWARNINGS := ignore::FutureWarning:torch.jit._script
 DEMO_ARGS ?=
+DEMO_OUT := demo_out
 
 .PHONY: demo test venv export check-export nbtest pytest compat clean
 
@@ -29,9 +30,13 @@ $(VENV)/.installed: requirements-dev.txt settings.ini setup.py
 
 venv: $(VENV)/.installed
 
+# The demo writes only under $(DEMO_OUT), its caches included
+demo: FASTAI_HOME := $(CURDIR)/$(DEMO_OUT)/.cache/fastai
+demo: TORCH_HOME := $(CURDIR)/$(DEMO_OUT)/.cache/torch
+demo: MPLCONFIGDIR := $(CURDIR)/$(DEMO_OUT)/.cache/matplotlib
 demo: $(VENV)/.installed
 	@echo "==> Running the demo: synthetic traffic signs, a resnet18 trained from scratch, evolving saliency maps"
-	$(VENV)/bin/fastai-saliency demo $(DEMO_ARGS)
+	$(VENV)/bin/fastai-saliency demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 export: $(VENV)/.installed
 	$(VENV)/bin/nbdev_export
@@ -45,24 +50,28 @@ check-export: $(VENV)/.installed
 
 nbtest: $(VENV)/.installed
 	@echo "==> Running every notebook (nbdev_test, slow cells included)"
-	OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --flags slow --n_workers 2 --timing
+	time OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --flags slow --n_workers 2 --timing
 
 pytest: $(VENV)/.installed
 	@echo "==> pytest tests/ with the pinned stack"
-	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests/ -q
+	time OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests/ -q
 
-$(COMPAT)/.installed: requirements-compat.txt settings.ini setup.py
+# The compatibility venv takes what the newest fastai needs from PyPI into its own site-packages, and borrows the rest
+# (torch and torchvision, 5 GB, are the same versions) from $(VENV): a .pth file appends $(VENV)'s site-packages to
+# sys.path *after* its own, so its own fastai and fastcore 2 win, and pip leaves the borrowed packages where they are.
+$(COMPAT)/.installed: requirements-compat.txt settings.ini setup.py $(VENV)/.installed
 	@echo "==> Setting up $(COMPAT) with the newest fastai (no nbdev) for the compatibility run"
 	@test -x $(COMPAT)/bin/python || $(PY) -m venv $(COMPAT)
-	$(COMPAT)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/python -c "import site; print(site.getsitepackages()[0])" > \
+	  "$$($(COMPAT)/bin/python -c 'import site; print(site.getsitepackages()[0])')/zz_borrow_dev_venv.pth"
 	$(COMPAT)/bin/pip install -q -r requirements-compat.txt
-	$(COMPAT)/bin/pip install -q -e .
+	$(COMPAT)/bin/pip install -q --no-deps -e .
 	@touch $@
 
 compat: $(COMPAT)/.installed
 	@echo "==> Compatibility run: pytest tests/ against the exported library with the newest fastai"
 	@$(COMPAT)/bin/python -c "import fastai, fastcore; print('fastai', fastai.__version__, 'fastcore', fastcore.__version__)"
-	OMP_NUM_THREADS=1 $(COMPAT)/bin/python -m pytest tests/ -q
+	time OMP_NUM_THREADS=1 $(COMPAT)/bin/python -m pytest tests/ -q
 
 test: check-export nbtest pytest compat
 

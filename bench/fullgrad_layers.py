@@ -3,7 +3,7 @@
 Prints the pointing game (tol 0.15; chance about 0.35) of the input term and of each layer's bias term alone (resized
 with align_corners True and False, and the share of its mass on the map's border), then of the sum of the terms whose
 map is finer than 2, 4, 8, 16 px, and of the reference `fullgrad` and its variants. The findings are written up in
-nbs/08_evaluate.ipynb ("Why the reference FullGrad does not show it"). Takes about 3 minutes on 2 CPU cores."""
+nbs/11_evaluate.ipynb ("Why the reference FullGrad does not show it"). Takes about 3 minutes on 2 CPU cores."""
 import sys, torch, torch.nn.functional as F
 from pathlib import Path
 from fastai.vision.all import *

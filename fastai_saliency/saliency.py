@@ -189,7 +189,7 @@ class SaliencyCallback(Callback):
 # %% ../nbs/07_saliency.ipynb #3aa073a2
 @delegates(SaliencyCallback, but=['method', 'layer'])
 class FullGradCallback(SaliencyCallback):
-    "`SaliencyCallback` with FullGrad maps; by default the localising variant (bias terms of stride <= 4, see `08_evaluate`)"
+    "`SaliencyCallback` with FullGrad maps; by default the localising variant (bias terms of stride <= 4, see `11_evaluate`)"
     def __init__(self, input_term:bool=False, # Add FullGrad's input term (the reference does)
                  max_stride:int|None=4, # Leave out layer terms coarser than this; None: all layers (the reference)
                  **kwargs): super().__init__('fullgrad', input_term=input_term, max_stride=max_stride, **kwargs)
