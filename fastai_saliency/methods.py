@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_methods.ipynb #c60503a4
 from __future__ import annotations
-import warnings
+import warnings, math
 import torch, torch.nn.functional as F
 from torch import nn, Tensor
 from contextlib import nullcontext
@@ -13,9 +13,10 @@ from fastai.layers import AdaptiveConcatPool2d, Flatten as FastaiFlatten
 from .hooks import HookSet, Capture, GraphOutputs, graph_leaf, find_layer, eval_mode, model_device
 
 # %% auto #0
-__all__ = ['resolve_target', 'backprop', 'scale_maps', 'layer_maps', 'gradcam', 'last_conv_block', 'layer_name', 'depth_layers',
-           'gradcam_layers', 'activation_maps', 'cam_terms', 'ApproximateCAMWarning', 'cam', 'layer_bias',
-           'bias_layers', 'fullgrad_terms', 'fullgrad']
+__all__ = ['describe_output', 'select_output', 'resolve_target', 'backprop', 'scale_maps', 'last_conv_block', 'timm_root',
+           'attention_blocks', 'default_layer', 'layer_name', 'FeatureLayout', 'feature_layout', 'to_feature_map',
+           'layer_maps', 'gradcam', 'depth_layers', 'gradcam_layers', 'activation_maps', 'cam_terms',
+           'ApproximateCAMWarning', 'cam', 'layer_bias', 'bias_layers', 'fullgrad_terms', 'fullgrad']
 
 # %% ../nbs/04_methods.ipynb #672e306e
 def _f32(t:Tensor) -> Tensor:
@@ -36,10 +37,47 @@ def _prep_input(model:nn.Module, xb:Tensor, grad:bool=False) -> Tensor:
     return x.clone().requires_grad_(grad)
 
 # %% ../nbs/04_methods.ipynb #dd296508
-def _forward(model:nn.Module, x:Tensor) -> Tensor:
-    out = model(x)
-    if not isinstance(out, Tensor):
-        raise ValueError(f"the model must return one logits tensor (B, n_classes), got a {type(out).__name__}")
+def describe_output(o, depth:int=0) -> str:
+    "What a model returned, in words: types and shapes (`'a tuple of 2: Tensor (8, 10), Tensor (8, 10)'`)"
+    if isinstance(o, Tensor): return f"Tensor {tuple(o.shape)}"
+    if depth > 1: return f"a {type(o).__name__}"
+    if hasattr(o, 'keys') and hasattr(o, '__getitem__'):     # dict, Hugging Face ModelOutput
+        ks = list(o.keys())
+        s = ', '.join(f"{k!r}: {describe_output(o[k], depth+1)}" for k in ks[:6]) + (', ...' if len(ks) > 6 else '')
+        return f"a {type(o).__name__} with {len(ks)} key{'s'*(len(ks) != 1)}: {s}"
+    if isinstance(o, tuple) and hasattr(o, '_fields'):       # namedtuple
+        s = ', '.join(f"{k}={describe_output(getattr(o, k), depth+1)}" for k in o._fields[:6])
+        return f"a {type(o).__name__} of {len(o)}: {s}"
+    if isinstance(o, (tuple, list)):
+        s = ', '.join(describe_output(v, depth+1) for v in o[:6]) + (', ...' if len(o) > 6 else '')
+        return f"a {type(o).__name__} of {len(o)}: {s}"
+    return f"a {type(o).__name__}"
+
+# %% ../nbs/04_methods.ipynb #bd401603
+def select_output(out, # What the model returned
+                  output=None, # None (`out` must be a tensor), an index, a key or attribute name, or a callable on `out`
+                 ) -> Tensor:
+    "The logits in a model's output: `out` itself, `out[output]` or `output(out)`; an error that shows `out` otherwise"
+    if output is None:
+        if isinstance(out, Tensor): return out
+        raise ValueError(f"the model must return one logits tensor (B, n_classes); it returned {describe_output(out)}. "
+                         "Pass `output=` an index, a key or a callable on the model's output that picks the logits")
+    try:
+        if callable(output): res = output(out)
+        elif isinstance(output, str) and not hasattr(out, 'keys'): res = getattr(out, output)
+        else: res = out[output]
+    except (IndexError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"output={output!r} does not pick from what the model returned, {describe_output(out)} "
+                         f"({type(e).__name__}: {e})") from e
+    if not isinstance(res, Tensor):
+        raise ValueError(f"output={output!r} picks {describe_output(res)} from the model's output, "
+                         f"{describe_output(out)}; it must pick one logits tensor (B, n_classes)")
+    return res
+
+# %% ../nbs/04_methods.ipynb #831718b7
+def _forward(model:nn.Module, x:Tensor, output=None) -> Tensor:
+    "The model's logits for `x` as a plain tensor (`output`: see `select_output`)"
+    out = select_output(model(x), output)
     return out.as_subclass(Tensor) if type(out) is not Tensor else out
 
 # %% ../nbs/04_methods.ipynb #864634e9
@@ -72,13 +110,14 @@ def backprop(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the 
              hooks=None, # `HookSet`s on during the forward pass; gradients go to their `wrt` tensors
              target=None, # None (predicted class), an int, one int per image, or a callable on the logits
              input_grad:bool=False, # Also the gradient with respect to the input (the forward pass then records the whole graph)
+             output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
             ) -> AttrDict:
     "Forward `xb` in eval mode with `hooks` on, pick each image's target logit, and backpropagate their sum to the hooks' `wrt` tensors (and the input)"
     hooks = listify(hooks)
     try:
         with eval_mode(model), torch.enable_grad():
             x = _prep_input(model, xb, input_grad)
-            with nullcontext() if input_grad else torch.no_grad(): logits = _forward(model, x)
+            with nullcontext() if input_grad else torch.no_grad(): logits = _forward(model, x, output)
             for h in hooks: h.remove()
             t,score = _target_score(logits, target)
             wrt = {k:v for h in hooks for k,v in h.wrt.items()}
@@ -116,87 +155,6 @@ def scale_maps(maps:Tensor, # Raw maps (B,h,w)
         lo,hi = _min_max(m)
         return _scaled(m - lo[:, None, None], lo, hi)
 
-# %% ../nbs/04_methods.ipynb #31708d11
-def _gradcam_map(acts:Tensor, grads:Tensor, relu:bool=True) -> Tensor:
-    "Raw Grad-CAM (B,h,w) from a layer's output and the gradient with respect to it, in float32 or float64"
-    with _no_autocast(acts):
-        acts,grads = _f32(acts.detach()),_f32(grads)
-        m = (grads.mean((2, 3), keepdim=True) * acts).sum(1)
-        return m.clamp_min(0) if relu else m
-
-# %% ../nbs/04_methods.ipynb #0e2a3abe
-def _check_outputs(pairs, shapes:dict, what:str):
-    "The errors of `gradcam` for layers that are not called or give no (B,C,h,w) output (`shapes`: name -> shape)"
-    for n,m in pairs:
-        if n not in shapes: raise ValueError(f"layer {n!r} ({type(m).__name__}) is not called in the model's forward pass")
-        if len(shapes[n]) != 4:
-            raise ValueError(f"{what} needs a layer with a (B,C,h,w) output; {n!r} ({type(m).__name__}) gives {tuple(shapes[n])}")
-
-def _check_grads(names, grads:dict):
-    "The error of `gradcam` for a layer the target logits do not depend on (`grads`: name -> gradient or None)"
-    for n in names:
-        if grads.get(n) is None: raise ValueError(f"the logits do not depend on the output of {n!r}: pick a layer on the path to the output")
-
-# %% ../nbs/04_methods.ipynb #f741ff99
-def _layer_pairs(model:nn.Module, layers) -> list:
-    "`(name, module)` for `layers` (one or a list of names, modules, regexes; None: `depth_layers`), repeats dropped"
-    if layers is None: layers = depth_layers(model)
-    if isinstance(layers, (str, int, nn.Module)): layers = [layers]
-    pairs = {}
-    for l in layers:
-        n,m = find_layer(model, l)
-        pairs.setdefault(n, m)
-    if not pairs: raise ValueError("layers is empty: give names, modules or regexes, or None for depth_layers(model)")
-    return list(pairs.items())
-
-# %% ../nbs/04_methods.ipynb #173ba8d2
-def _activation_means(model, xb, pairs) -> tuple:
-    "The channel-mean of each layer's output (B,h,w) from one forward pass without gradients, the outputs' shapes, the input"
-    means,shapes = {},{}
-    def on_act(n, o):        # reduced right away: an in-place op downstream cannot change it, no copy is kept
-        shapes[n] = tuple(o.shape)
-        if o.dim() == 4:
-            with _no_autocast(o): means[n] = _f32(o.detach().as_subclass(Tensor)).mean(1)
-    with eval_mode(model), torch.no_grad():
-        x = _prep_input(model, xb)
-        with Capture(model, pairs, grads=False, on_act=on_act): _forward(model, x)
-    _check_outputs(pairs, shapes, 'an activation map')
-    return means, shapes, x
-
-# %% ../nbs/04_methods.ipynb #d452d768
-def _gradcam_raw(model, xb, pairs, target, relu) -> tuple:
-    "Raw Grad-CAM (B,h,w) of each layer from one forward and one backward pass, the outputs' shapes, the input"
-    g = GraphOutputs(model, pairs)
-    r = backprop(model, xb, g, target)
-    acts = g.outputs
-    _check_outputs(pairs, {n:a.shape for n,a in acts.items()}, 'Grad-CAM')
-    _check_grads([n for n,_ in pairs], r.grads)
-    return {n:_gradcam_map(acts[n], r.grads[n], relu) for n,_ in pairs}, {n:tuple(acts[n].shape) for n,_ in pairs}, r.x
-
-# %% ../nbs/04_methods.ipynb #0c74372e
-def layer_maps(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
-               layers=None, # Names, modules or regexes (one or a list); None: `depth_layers(model)`
-               method:str='gradcam', # 'gradcam', or 'activation' (the channel mean of each layer's output: no class, no gradient)
-               target=None, # Grad-CAM: None (predicted class), an int, one int per image, or a callable on the logits
-               relu:bool=True, # Grad-CAM: keep only the positive part, as in the paper
-              ) -> tuple:
-    "Maps (B,H,W) in [0,1] at input size for each of `layers` (name -> maps), and the native (h,w) of each layer's output"
-    if method not in ('gradcam', 'activation'): raise ValueError(f"method must be 'gradcam' or 'activation', not {method!r}")
-    pairs = _layer_pairs(model, layers)
-    if method == 'activation': raw,shapes,x = _activation_means(model, xb, pairs)
-    else: raw,shapes,x = _gradcam_raw(model, xb, pairs, target, relu)
-    return {n:scale_maps(raw[n], x.shape[-2:]) for n,_ in pairs}, {n:tuple(shapes[n][-2:]) for n,_ in pairs}
-
-# %% ../nbs/04_methods.ipynb #4f9a8696
-def gradcam(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
-            layer, # A name (`'layer4'`, `'0.7'`), a module of `model`, or a regex matching one name
-            target=None, # None (predicted class), an int, one int per image, or a callable on the logits
-            relu:bool=True, # Keep only the positive part, as in the paper
-           ) -> Tensor:
-    "Grad-CAM maps (B,H,W) in [0,1] per image at input size, from the output of `layer`"
-    name,mod = find_layer(model, layer)
-    return layer_maps(model, xb, [mod], 'gradcam', target, relu)[0][name]
-
 # %% ../nbs/04_methods.ipynb #62e72ccb
 def _has_conv(m:nn.Module) -> bool: return any(isinstance(c, nn.modules.conv._ConvNd) for c in m.modules())
 
@@ -211,10 +169,372 @@ def last_conv_block(model:nn.Module) -> str:
         if inner: return inner[-1]
     return n
 
+# %% ../nbs/04_methods.ipynb #98685400
+def timm_root(model:nn.Module) -> tuple|None:
+    "`(name, module)` of the outermost timm model in `model` (`''` bare, `'0.model'` in a fastai `vision_learner`), or None"
+    return next(((n,m) for n,m in model.named_modules() if _is_timm_model(m)), None)
+
+#| export
+_ATTN_NAMES = ('attn', 'self_attention', 'attention')
+def _is_attn_block(m:nn.Module) -> bool:
+    "A transformer block: an attention child and an `mlp` child (timm Block/SwinTransformerBlock, torchvision EncoderBlock)"
+    kids = dict(m.named_children())
+    return 'mlp' in kids and any(k in kids for k in _ATTN_NAMES)
+
+#| export
+def attention_blocks(model:nn.Module, prefix:str='') -> list:
+    "Names of the outermost transformer blocks of `model`, in model order"
+    res = []
+    for n,c in model.named_children():
+        if _is_attn_block(c): res.append(prefix + n)
+        else: res += attention_blocks(c, f'{prefix}{n}.')
+    return res
+
+# %% ../nbs/04_methods.ipynb #a7d160b6
+def _join(*ns) -> str: return '.'.join(n for n in ns if n)
+
+#| export
+def _first_norm(model:nn.Module, block:str) -> str:
+    "The block's first LayerNorm (timm `norm1`, torchvision `ln_1`): the normalised tokens its attention reads"
+    n = next((k for k,c in model.get_submodule(block).named_children() if isinstance(c, _LAST_DIM_NORMS)), None)
+    return _join(block, n) if n else block
+
+#| export
+_HEAD_NAMES = ('global_pool', 'head', 'fc', 'classifier', 'head_drop', 'flatten', 'fc_norm')
+def _is_vit(m:nn.Module) -> bool: return isinstance(getattr(m, 'num_prefix_tokens', None), int)
+
+#| export
+def _timm_pooled(tm:nn.Module) -> str:
+    "The name (in timm model `tm`) of the map its global pooling takes: `feature_info`'s last module, or what follows it"
+    last = [n for n,c in tm.named_children() if not isinstance(c, nn.Identity)]
+    last = last[:next((i for i,n in enumerate(last) if n in _HEAD_NAMES), len(last))]
+    fi = tm.feature_info[-1]['module'] if tm.feature_info else None
+    if not last: return fi
+    return fi if fi is not None and (fi == last[-1] or fi.startswith(last[-1] + '.')) else last[-1]
+
+# %% ../nbs/04_methods.ipynb #10868837
+def default_layer(model:nn.Module) -> str:
+    "The layer `gradcam` and `show_gradcam` use by default: timm ViTs, other timm models, transformers, CNNs (rules above)"
+    root = timm_root(model)
+    if root is not None:
+        p,tm = root
+        blocks = attention_blocks(tm)
+        if _is_vit(tm) and blocks: return _join(p, _first_norm(tm, blocks[-1]))
+        if blocks and tm.feature_info: return _join(p, tm.feature_info[-1]['module'])    # swin: the last stage
+        name = _timm_pooled(tm)
+        if name: return _join(p, name)
+    blocks = attention_blocks(model)
+    if blocks:
+        order = {n:i for i,(n,_) in enumerate(model.named_modules())}
+        convs = [n for n,m in model.named_modules() if isinstance(m, _ConvNd)]
+        if not convs or order[convs[-1]] < order[blocks[-1]]: return _first_norm(model, blocks[-1])
+    return last_conv_block(model)
+
 # %% ../nbs/04_methods.ipynb #e5cfe796
 def layer_name(model:nn.Module, layer=None) -> str:
-    "The name of `layer` (a name, module or regex, see `find_layer`); None: the default Grad-CAM layer, `last_conv_block`"
-    return last_conv_block(model) if layer is None else find_layer(model, layer)[0]
+    "The name of `layer` (a name, module or regex, see `find_layer`); None: the default Grad-CAM layer, `default_layer`"
+    return default_layer(model) if layer is None else find_layer(model, layer)[0]
+
+# %% ../nbs/04_methods.ipynb #06a00b51
+_NCHW_TYPES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm,
+               nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+               nn.modules.pooling._AdaptiveMaxPoolNd, nn.Dropout2d, nn.PixelShuffle, nn.Upsample)
+_LAST_DIM_NORMS = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, 'RMSNorm') else ())
+_FMTS = ('NCHW', 'NHWC')
+
+# %% ../nbs/04_methods.ipynb #4a96f3c6
+def _type_fmt(m:nn.Module) -> str|None:
+    "The layout `m`'s type fixes for a 4-d output: NCHW (convs, batch norms, 2d pools, `*2d` classes), NHWC (last-dim ops)"
+    if isinstance(m, _NCHW_TYPES) or type(m).__name__.endswith('2d'): return 'NCHW'    # timm LayerNorm2d, BatchNormAct2d
+    if isinstance(m, nn.Linear): return 'NHWC'
+    if isinstance(m, _LAST_DIM_NORMS) and len(m.normalized_shape) == 1: return 'NHWC'
+    return None
+
+# %% ../nbs/04_methods.ipynb #b14805cf
+def _leaves_fmt(m:nn.Module) -> str|None:
+    "NCHW if `m`'s leaves with a layout are all NCHW ops (a conv block), NHWC if all last-dim ops (a transformer or MLP block)"
+    fs = {_type_fmt(l) for l in m.modules() if next(l.children(), None) is None} - {None}
+    return fs.pop() if len(fs) == 1 else None
+
+#| export
+def _own_fmt(m:nn.Module) -> str|None:
+    "The layout `m` declares in its `output_fmt` (timm), or None"
+    f = getattr(m, 'output_fmt', None)
+    f = str(getattr(f, 'value', f)) if f is not None else None
+    return f if f in _FMTS else None
+
+# %% ../nbs/04_methods.ipynb #26df42b5
+def _is_timm_model(m:nn.Module) -> bool:
+    "A timm model (not a part of one): it has timm's `pretrained_cfg` and `feature_info`; timm itself is not imported"
+    return isinstance(getattr(m, 'pretrained_cfg', None), dict) and isinstance(getattr(m, 'feature_info', None), list)
+
+#| export
+def _lineage(model:nn.Module, name:str) -> list:
+    "`(name, module)` of the module `name` and its ancestors, nearest first, `model` last"
+    parts = name.split('.') if name else []
+    return [('.'.join(parts[:i]), model.get_submodule('.'.join(parts[:i]))) for i in range(len(parts), -1, -1)]
+
+#| export
+def _ancestor_fmt(model, name) -> str|None:
+    "The `output_fmt` an enclosing module declares (timm `SwinTransformer`: NHWC); inside a timm model without one: NCHW"
+    for n,m in _lineage(model, name)[1:]:
+        f = _own_fmt(m)
+        if f is not None and getattr(m, 'flatten', False) is not True: return f   # PatchEmbed: NCHW also when flattening
+        if _is_timm_model(m): return 'NCHW'
+    return None
+
+# %% ../nbs/04_methods.ipynb #e128f754
+def _fits(hw, size) -> bool:
+    "Whether a grid `hw` (h,w) comes from an input of `size` (H,W) by one stride on both axes, both floored or both ceiled"
+    (h,w),(H,W) = hw,size
+    if not (1 <= h <= H and 1 <= w <= W): return False
+    floor = max(H/(h+1), W/(w+1)) < min(H/h, W/w)                                         # s in (H/(h+1), H/h], same for W
+    ceil = max(H/h, W/w) < min(H/(h-1) if h > 1 else math.inf, W/(w-1) if w > 1 else math.inf)   # s in [H/h, H/(h-1))
+    return floor or ceil
+
+#| export
+def _grids(n:int, size) -> list:
+    "The grids (h,w) of `n` cells that fit an input of `size`, best aspect match first"
+    H,W = size
+    gs = [(h, n//h) for h in range(1, n+1) if n % h == 0 and _fits((h, n//h), size)]
+    return sorted(gs, key=lambda g: abs(math.log(H/g[0]) - math.log(W/g[1])))
+
+# %% ../nbs/04_methods.ipynb #7c23fc3c
+class FeatureLayout:
+    "How a layer's output becomes a (B,C,h,w) map: `fmt` NCHW (as is), NHWC (permuted), NLC (tokens: `prefix` dropped, `grid`)"
+    def __init__(self, fmt:str, # 'NCHW', 'NHWC', 'NLC' or 'fn'
+                 prefix:int=0, # NLC: leading tokens that are not on the grid (class, distillation, register tokens)
+                 grid=None, # NLC: the (h,w) of the remaining tokens
+                 fn=None, # 'fn': a callable `o -> (B,C,h,w)`
+                 why:str=''): # What decided it, for messages
+        self.fmt,self.prefix,self.grid,self.fn,self.why = fmt,prefix,grid,fn,why
+    def __call__(self, t:Tensor) -> Tensor:
+        "`t` (an output of the layer, or the gradient with respect to it) as (B,C,h,w)"
+        if self.fmt == 'NCHW': return t
+        if self.fmt == 'NHWC': return t.permute(0, 3, 1, 2)
+        if self.fmt == 'NLC': return t[:, self.prefix:].reshape(t.shape[0], *self.grid, t.shape[-1]).permute(0, 3, 1, 2)
+        r = self.fn(t)
+        if not isinstance(r, Tensor) or r.dim() != 4 or r.shape[0] != t.shape[0]:
+            raise ValueError(f"reshape={self.fn!r} must return a (B,C,h,w) tensor for a {tuple(t.shape)} output, got "
+                             f"{describe_output(r)}")
+        return r
+    def __repr__(self):
+        s = f"prefix={self.prefix}, grid={self.grid}" if self.fmt == 'NLC' else ''
+        return f"FeatureLayout({self.fmt}{', ' + s if s else ''}: {self.why})"
+
+# %% ../nbs/04_methods.ipynb #9e89ef2f
+def _prefix_tokens(model, name) -> int|None:
+    "Leading non-grid tokens, from the nearest enclosing module that says (timm `num_prefix_tokens`, torchvision `class_token`)"
+    for n,m in _lineage(model, name):
+        p = getattr(m, 'num_prefix_tokens', None)
+        if isinstance(p, int): return p
+        if isinstance(getattr(m, 'class_token', None), nn.Parameter): return 1
+    return None
+
+#| export
+def _model_grid(model, name):
+    "The patch grid the nearest enclosing timm module declares (`patch_embed.grid_size`, or its own `grid_size`)"
+    for n,m in _lineage(model, name):
+        g = getattr(getattr(m, 'patch_embed', None), 'grid_size', None) or getattr(m, 'grid_size', None)
+        if g is not None and len(g) == 2: return tuple(int(v) for v in g)
+    return None
+
+# %% ../nbs/04_methods.ipynb #948256ed
+def _where(name, m): return f"{name!r} ({type(m).__name__})"
+
+#| export
+def _suggest(model) -> str:
+    "', e.g. <the default layer>' where there is one"
+    try: return f", e.g. {default_layer(model)!r}"
+    except ValueError: return ''
+
+#| export
+_REMEDY = ("pass `reshape=`: 'nchw' or 'nhwc' for a 4-d output, a grid (h, w) for tokens (the last h*w tokens are the grid, "
+           "those before it are dropped as prefix tokens), or a callable `o -> (B,C,h,w)`")
+
+# %% ../nbs/04_methods.ipynb #fb390aa8
+def _tokens_layout(model, name, mod, shape, size, reshape) -> FeatureLayout:
+    "The layout of tokens (B,N,C): prefix tokens and grid (see the rules above)"
+    B,N,C = shape
+    if isinstance(reshape, (tuple, list)):
+        h,w = reshape
+        if not 0 < h*w <= N:
+            raise ValueError(f"reshape={tuple(reshape)} asks for {h*w} grid tokens; {_where(name, mod)} gives {tuple(shape)}")
+        return FeatureLayout('NLC', N - h*w, (h, w), why='reshape=')
+    p,known = _prefix_tokens(model, name),_model_grid(model, name)
+    def grid(n):
+        if known is not None and known[0]*known[1] == n: return known, 'patch grid of the model'
+        gs = _grids(n, size)
+        return (gs[0], f'the grid that fits the {size[0]}x{size[1]} input') if gs else (None, '')
+    # the known prefix first, then none (outputs before the prefix is added: patch_embed); no knowledge: 0, then 1
+    tries = ([(p, 'num_prefix_tokens of the model'), (0, 'no prefix tokens')] if p else
+             [(0, 'no prefix tokens'), (1, 'one class token, guessed')] if p is None else [(0, 'no prefix tokens')])
+    for q,src in tries:
+        if N - q < 1: continue
+        g,gsrc = grid(N - q)
+        if g is not None: return FeatureLayout('NLC', q, g, why=f"tokens: {q} prefix ({src}), {g[0]}x{g[1]} grid ({gsrc})")
+    pre = (f", {p} of them prefix tokens (num_prefix_tokens)" if p else
+           " and nothing in the model says how many are prefix tokens" if p is None else "")
+    raise ValueError(f"{_where(name, mod)} gives tokens {tuple(shape)}: {N} tokens{pre}, and the rest form no grid for the "
+                     f"{size[0]}x{size[1]} input; {_REMEDY}")
+
+# %% ../nbs/04_methods.ipynb #845eae05
+def _map_layout(model, name, mod, shape, size) -> FeatureLayout:
+    "The layout of a 4-d output: NCHW or NHWC (see the rules above)"
+    B,a,b,c = shape
+    nchw,nhwc = (b, c),(a, b)
+    for f,src in ((_type_fmt(mod), 'type'), (_own_fmt(mod), 'output_fmt'), (_leaves_fmt(mod), 'layers inside')):
+        if f is not None: return FeatureLayout(f, why=f"{f} by the module's {src}")
+    fits = {f for f,g in (('NCHW', nchw), ('NHWC', nhwc)) if _fits(g, size)}
+    f = _ancestor_fmt(model, name)
+    if f is not None and (f in fits or not fits):   # what an enclosing model declares, unless only the other layout fits
+        return FeatureLayout(f, why=f"{f} as the enclosing model declares")
+    if len(fits) == 1:
+        f = fits.pop()
+        return FeatureLayout(f, why=f"{f}: the only layout whose grid fits the {size[0]}x{size[1]} input")
+    what = 'both fit the input size' if fits else 'neither has a grid that fits the input size'
+    raise ValueError(f"{_where(name, mod)} gives {tuple(shape)}: as (B,C,h,w) a {nchw[0]}x{nchw[1]} map of {a} channels, as "
+                     f"(B,h,w,C) a {nhwc[0]}x{nhwc[1]} map of {c} channels; {what} ({size[0]}x{size[1]}) and nothing in the "
+                     f"model says which; {_REMEDY}")
+
+# %% ../nbs/04_methods.ipynb #6fbf135e
+def feature_layout(model:nn.Module, layer, # A name, module or regex of `model`
+                   shape, # The shape of the layer's output, (B,...)
+                   input_size, # The (H,W) of the input batch
+                   reshape=None, # None (infer), 'nchw', 'nhwc', a grid (h,w) for tokens, or a callable `o -> (B,C,h,w)`
+                   batch_size:int=None, # B, to check the output's first dimension
+                   what:str='a map', # What needs the map, for the error of a pooled output ('Grad-CAM', ...)
+                  ) -> FeatureLayout:
+    "How to turn the output of `layer` (of shape `shape`) into a (B,C,h,w) map (the rules: above)"
+    name,mod = find_layer(model, layer)
+    shape,size = tuple(shape),tuple(input_size)
+    if callable(reshape): return FeatureLayout('fn', fn=reshape, why='reshape=')
+    if batch_size is not None and (not shape or shape[0] != batch_size):
+        raise ValueError(f"{_where(name, mod)} gives {shape}: its first dimension is not the batch ({batch_size} images), "
+                         "e.g. attention windows (B*windows, N, C); use the block that holds it")
+    if len(shape) == 2:
+        raise ValueError(f"{what} needs a layer with a (B,C,h,w) output; {_where(name, mod)} gives {shape}: pooled features "
+                         f"(B, C) with no spatial grid; use a layer before the pooling{_suggest(model)}")
+    if isinstance(reshape, str):
+        f = reshape.upper()
+        if f not in _FMTS or len(shape) != 4:
+            raise ValueError(f"reshape={reshape!r}: a string is 'nchw' or 'nhwc', for a 4-d output; {_where(name, mod)} "
+                             f"gives {shape}")
+        return FeatureLayout(f, why='reshape=')
+    if len(shape) == 3: return _tokens_layout(model, name, mod, shape, size, reshape)
+    if reshape is not None:
+        raise ValueError(f"reshape={reshape!r}: a grid (h, w) is for tokens (B,N,C); {_where(name, mod)} gives {shape}: "
+                         "pass 'nchw', 'nhwc' or a callable")
+    if len(shape) == 4: return _map_layout(model, name, mod, shape, size)
+    raise ValueError(f"{what} needs a layer with a (B,C,h,w) output; {_where(name, mod)} gives {shape}: not a map (B,C,h,w), "
+                     "a channels-last map (B,h,w,C) or tokens (B,N,C); pass `reshape=` a callable `o -> (B,C,h,w)`")
+
+# %% ../nbs/04_methods.ipynb #97994ada
+def to_feature_map(o:Tensor, # A layer's output
+                   model:nn.Module, layer, # The model and the layer (name, module or regex) that gave `o`
+                   input_size, # The (H,W) of the input
+                   reshape=None, # As for `feature_layout`
+                  ) -> Tensor:
+    "`o` as a (B,C,h,w) map: conv maps as they are, channels-last maps permuted, tokens without prefix tokens on their grid"
+    return feature_layout(model, layer, o.shape, input_size, reshape, batch_size=o.shape[0])(o)
+
+# %% ../nbs/04_methods.ipynb #31708d11
+def _gradcam_map(acts:Tensor, grads:Tensor, relu:bool=True) -> Tensor:
+    "Raw Grad-CAM (B,h,w) from a layer's output and the gradient with respect to it, in float32 or float64"
+    with _no_autocast(acts):
+        acts,grads = _f32(acts.detach()),_f32(grads)
+        m = (grads.mean((2, 3), keepdim=True) * acts).sum(1)
+        return m.clamp_min(0) if relu else m
+
+# %% ../nbs/04_methods.ipynb #0e2a3abe
+def _check_called(pairs, outs:dict):
+    "The error for layers not called in the forward pass (`outs`: name -> output)"
+    for n,m in pairs:
+        if n not in outs: raise ValueError(f"layer {n!r} ({type(m).__name__}) is not called in the model's forward pass")
+
+def _check_grads(names, grads:dict):
+    "The error of `gradcam` for a layer the target logits do not depend on (`grads`: name -> gradient or None)"
+    for n in names:
+        if grads.get(n) is None: raise ValueError(f"the logits do not depend on the output of {n!r}: pick a layer on the path to the output")
+
+def _reshape_for(reshape, name):
+    "`reshape` for layer `name`: one for all layers, or a dict name -> reshape"
+    return reshape.get(name) if isinstance(reshape, dict) else reshape
+
+# %% ../nbs/04_methods.ipynb #f741ff99
+def _layer_pairs(model:nn.Module, layers) -> list:
+    "`(name, module)` for `layers` (one or a list of names, modules, regexes; None: `depth_layers`), repeats dropped"
+    if layers is None: layers = depth_layers(model)
+    if isinstance(layers, (str, int, nn.Module)): layers = [layers]
+    pairs = {}
+    for l in layers:
+        n,m = find_layer(model, l)
+        pairs.setdefault(n, m)
+    if not pairs: raise ValueError("layers is empty: give names, modules or regexes, or None for depth_layers(model)")
+    return list(pairs.items())
+
+# %% ../nbs/04_methods.ipynb #173ba8d2
+def _activation_means(model, xb, pairs, reshape=None, output=None) -> tuple:
+    "The channel-mean (B,h,w) of each layer's output as a map, from one forward pass without gradients, and the input"
+    means,x = {},None
+    def on_act(n, o):        # reduced right away: an in-place op downstream cannot change it, no copy is kept
+        o = o.detach().as_subclass(Tensor)
+        fm = feature_layout(model, n, o.shape, x.shape[-2:], _reshape_for(reshape, n), len(x), 'an activation map')(o)
+        with _no_autocast(o): means[n] = _f32(fm).mean(1)
+    with eval_mode(model), torch.no_grad():
+        x = _prep_input(model, xb)
+        with Capture(model, pairs, grads=False, on_act=on_act): _forward(model, x, output)
+    _check_called(pairs, means)
+    return means, x
+
+# %% ../nbs/04_methods.ipynb #d452d768
+def _gradcam_raw(model, xb, pairs, target, relu, reshape=None, output=None) -> tuple:
+    "Raw Grad-CAM (B,h,w) of each layer from one forward and one backward pass, and the input"
+    g = GraphOutputs(model, pairs)
+    r = backprop(model, xb, g, target, output=output)
+    acts = g.outputs
+    _check_called(pairs, acts)
+    lays = {n:feature_layout(model, n, acts[n].shape, r.x.shape[-2:], _reshape_for(reshape, n), len(r.x), 'Grad-CAM')
+            for n,_ in pairs}
+    _check_grads([n for n,_ in pairs], r.grads)
+    raw = {}
+    for n,_ in pairs:
+        lay,a,gr = lays[n],acts[n].detach(),r.grads[n]
+        gm = lay(gr)
+        if lay.fmt == 'NLC' and lay.prefix and not gm.any() and gr.any():
+            raise ValueError(f"the logits depend on the output of {n!r} only through its {lay.prefix} prefix token(s) "
+                             f"(class-token pooling after it), so its grid tokens get no gradient; use a layer before the "
+                             f"last attention{_suggest(model)}")
+        raw[n] = _gradcam_map(lay(a), gm, relu)
+    return raw, r.x
+
+# %% ../nbs/04_methods.ipynb #0c74372e
+def layer_maps(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
+               layers=None, # Names, modules or regexes (one or a list); None: `depth_layers(model)`
+               method:str='gradcam', # 'gradcam', or 'activation' (the channel mean of each layer's output: no class, no gradient)
+               target=None, # Grad-CAM: None (predicted class), an int, one int per image, or a callable on the logits
+               relu:bool=True, # Grad-CAM: keep only the positive part, as in the paper
+               reshape=None, # How to read outputs that are not (B,C,h,w) (see `feature_layout`); or a dict name -> that
+               output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
+              ) -> tuple:
+    "Maps (B,H,W) in [0,1] at input size for each of `layers` (name -> maps), and the native (h,w) of each layer's map"
+    if method not in ('gradcam', 'activation'): raise ValueError(f"method must be 'gradcam' or 'activation', not {method!r}")
+    pairs = _layer_pairs(model, layers)
+    if method == 'activation': raw,x = _activation_means(model, xb, pairs, reshape, output)
+    else: raw,x = _gradcam_raw(model, xb, pairs, target, relu, reshape, output)
+    return {n:scale_maps(raw[n], x.shape[-2:]) for n,_ in pairs}, {n:tuple(raw[n].shape[-2:]) for n,_ in pairs}
+
+# %% ../nbs/04_methods.ipynb #4f9a8696
+def gradcam(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
+            layer=None, # A name (`'layer4'`, `'0.7'`), a module of `model`, or a regex matching one name; None: `default_layer`
+            target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+            relu:bool=True, # Keep only the positive part, as in the paper
+            reshape=None, # How to read an output that is not (B,C,h,w): 'nchw', 'nhwc', a token grid (h,w), a callable
+            output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
+           ) -> Tensor:
+    "Grad-CAM maps (B,H,W) in [0,1] per image at input size, from the output of `layer` (conv maps, channels-last maps, tokens)"
+    name,mod = find_layer(model, default_layer(model) if layer is None else layer)
+    return layer_maps(model, xb, [mod], 'gradcam', target, relu, {name: reshape}, output)[0][name]
 
 # %% ../nbs/04_methods.ipynb #81ebd46b
 _ConvNd = nn.modules.conv._ConvNd
@@ -246,9 +566,11 @@ def _expand(m:nn.Module) -> bool:
     return any(_is_stage(d) for d in m.modules())   # a whole network inside a wrapper; a residual block has no stage
 
 # %% ../nbs/04_methods.ipynb #575d9381
-def _depth_names(m:nn.Module, prefix:str='') -> list:
+def _depth_names(m:nn.Module, prefix:str='', stop=()) -> list:
+    "Layer names of the conv blocks of `m`, walking into stages; children named in `stop` end the walk (timm's head)"
     kids,res = list(m.named_children()),[]
     for i,(n,c) in enumerate(kids):
+        if n in stop: break
         if not _has_conv(c): continue
         if isinstance(c, _ConvNd):
             j = i
@@ -260,7 +582,18 @@ def _depth_names(m:nn.Module, prefix:str='') -> list:
 
 # %% ../nbs/04_methods.ipynb #30b462ee
 def depth_layers(model:nn.Module) -> list:
-    "One layer name per conv block of `model`, from the first conv to the last (see the rule below)"
+    "One layer name per block of `model`, from the first to the last: conv blocks, or transformer blocks (see the rule below)"
+    root = timm_root(model)
+    if root is not None:
+        p,tm = root
+        blocks = attention_blocks(tm)
+        if blocks: return [_join(p, _first_norm(tm, b) if _is_vit(tm) else b) for b in blocks]
+        names = _depth_names(tm, p + '.' if p else '', stop=_HEAD_NAMES)
+        d = default_layer(model)   # the map that is pooled ends the list, unless a name there is it or holds it
+        if names and not any(d == n or d.startswith(n + '.') or n.startswith(d + '.') for n in names): names.append(d)
+        if names: return names
+    blocks = attention_blocks(model)
+    if blocks: return [_first_norm(model, b) for b in blocks]
     names = _depth_names(model)
     if not names: raise ValueError(f"no convolution in this {type(model).__name__}'s children: pass the layers by name")
     return names
@@ -280,6 +613,14 @@ def activation_maps(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised 
                    ) -> dict:
     "Channel-mean of each layer's output (name -> (B,H,W)), resized bilinearly to input size and scaled to [0,1] per image"
     return layer_maps(model, xb, layers, 'activation')[0]
+
+# %% ../nbs/04_methods.ipynb #65156ce1
+def _transformer(model:nn.Module) -> str|None:
+    "Why `model` is a transformer, in words, or None"
+    blocks = attention_blocks(model)
+    if blocks: return f"{type(model).__name__} with {len(blocks)} attention blocks ({blocks[0]!r}...)"
+    mha = [n for n,m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    return f"{type(model).__name__} with attention ({mha[0]!r})" if mha else None
 
 # %% ../nbs/04_methods.ipynb #cf07f687
 _GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, AdaptiveConcatPool2d)
@@ -350,10 +691,10 @@ def _head_bias(head, n_pooled:int, x:Tensor) -> Tensor:
     return z
 
 # %% ../nbs/04_methods.ipynb #91ee92c0
-def _linearised_cam(model, xb, name, target) -> AttrDict:
+def _linearised_cam(model, xb, name, target, output=None) -> AttrDict:
     "CAM at layer `name` by linearising everything after it (where no global pooling module is called)"
     g = GraphOutputs(model, [find_layer(model, name)])
-    r = backprop(model, xb, g, target)
+    r = backprop(model, xb, g, target, output=output)
     acts,grad = g.outputs.get(name),r.grads.get(name)
     if acts is None or acts.dim() != 4:
         raise ValueError(f"cam needs a layer with a (B,C,h,w) output; {name!r} gives {None if acts is None else tuple(acts.shape)}")
@@ -363,22 +704,34 @@ def _linearised_cam(model, xb, name, target) -> AttrDict:
         return AttrDict(map=raw, bias=score - raw.sum((1, 2)), logits=_f32(r.logits), target=r.target,
                         target_logit=score, exact=False, layer=name, pool=None)
 
+# %% ../nbs/04_methods.ipynb #90d941ec
+def _check_cam(model:nn.Module, layer=None):
+    "CAM's error for transformers that pool no conv feature map (ViT: the class token; Swin: channels-last tokens)"
+    why = _transformer(model)
+    if why is None: return
+    if layer is None and any(isinstance(m, _GLOBAL_POOLS) for m in model.modules()): return   # a hybrid pools a conv map
+    raise ValueError(f"CAM is defined for a conv feature map (B,C,h,w) that global average pooling reduces and an affine "
+                     f"head maps to the logits; this is a {why}: it pools tokens (a class token, or normalised tokens), "
+                     f"so there is no CAM. Use gradcam (default layer {default_layer(model)!r})")
+
 # %% ../nbs/04_methods.ipynb #adf8cc56
 def cam_terms(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
               layer=None, # The feature map that enters global pooling (found automatically); a name, module or regex
               target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+              output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
              ) -> AttrDict:
     "CAM before scaling: `map` (B,h,w) and `bias` (B,) with `map.sum((1,2)) + bias == target_logit`; `exact` for affine heads"
+    _check_cam(model, layer)
     name = None if layer is None else find_layer(model, layer)[0]
     tr = _Trace(model)
-    r = backprop(model, xb, tr, target)
+    r = backprop(model, xb, tr, target, output=output)
     pool = tr.global_pool()
     if pool is None:
         if name is None:
             raise ValueError(f"cam needs the feature map (B,C,h,w) that enters global pooling (AdaptiveAvgPool2d, "
                              f"AdaptiveMaxPool2d or AdaptiveConcatPool2d with a 1x1 output), and this {type(model).__name__} "
                              "calls none: pass `layer=` the feature map its head pools, or use gradcam")
-        return _linearised_cam(model, xb, name, target)
+        return _linearised_cam(model, xb, name, target, output)
     acts,feat,g = pool['input'],tr.producer(pool['identity']),r.grads[pool['name']]
     if name is not None and tr.last_output(name) != pool['identity']:
         raise ValueError(f"cam works on the feature map entering global pooling {pool['name']!r}, the output of {feat!r}; "
@@ -406,13 +759,24 @@ class ApproximateCAMWarning(UserWarning):
 def cam(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
         layer=None, # The feature map that enters global pooling (found automatically)
         target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+        output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
        ) -> Tensor:
     "CAM maps (B,H,W) in [0,1] per image at input size; exact for affine heads, else the linearised head (with a warning)"
-    r = cam_terms(model, xb, layer=layer, target=target)
+    r = cam_terms(model, xb, layer=layer, target=target, output=output)
     if not r.exact:
         warnings.warn(f"the head after {r.layer!r} is not affine in the pooled features, so this CAM linearises it at each "
                       "image's features (approximate); cam_terms(...).exact tells which", ApproximateCAMWarning, stacklevel=2)
     return scale_maps(r.map, xb.shape[-2:])
+
+# %% ../nbs/04_methods.ipynb #5874a808
+def _check_fullgrad(model:nn.Module):
+    "FullGrad's error for transformers"
+    why = _transformer(model)
+    if why is None: return
+    raise ValueError(f"FullGrad is not defined for a {why}: its completeness (input term + bias terms == logit) does not "
+                     "hold through LayerNorm and attention, and its bias terms are those of (B,C,h,w) maps, here only the "
+                     f"patch embedding's, so the map would be an input-gradient map. Use gradcam (default layer "
+                     f"{default_layer(model)!r})")
 
 # %% ../nbs/04_methods.ipynb #35d4acce
 _BIAS_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -445,14 +809,16 @@ def _bias_view(m:nn.Module, b:Tensor, ndim:int) -> Tensor:
 # %% ../nbs/04_methods.ipynb #3f187ea1
 def fullgrad_terms(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
                    target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+                   output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
                   ) -> AttrDict:
     "The full-gradient decomposition of the target logits: `input_term` (grad_x * x) and one `bias_terms` tensor per biased layer call"
+    _check_fullgrad(model)
     pairs = bias_layers(model)
     mods,biases = dict(pairs),{n:_f32(layer_bias(m)) for n,m in pairs}
     calls,grads = [],{}
     def on_act(n, o): calls.append((n, o.shape))
     def on_grad(n, g): grads.setdefault(n, []).append(_f32(g.detach()) * _bias_view(mods[n], biases[n], g.dim()))
-    r = backprop(model, xb, Capture(model, pairs, on_act=on_act, on_grad=on_grad), target, input_grad=True)
+    r = backprop(model, xb, Capture(model, pairs, on_act=on_act, on_grad=on_grad), target, input_grad=True, output=output)
     terms = []
     for n,shape in calls:   # a layer called twice has two terms; one the target does not depend on is zero
         gl = grads.get(n, [])
@@ -469,11 +835,13 @@ def _minmax_channel_sum(t:Tensor) -> Tensor:
 # %% ../nbs/04_methods.ipynb #7b0da25f
 def fullgrad(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
              target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+             output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
              input_term:bool=True, # Add the input-gradient term |grad_x * x| (the reference does)
              align_corners:bool=True, # Resize the layer terms with `align_corners=True` (the reference) or False
              max_stride:int|None=None, # Leave out the terms of layers whose map is coarser than input size / max_stride; None: all (the reference)
             ) -> Tensor:
     "FullGrad saliency maps (B,H,W) in [0,1] per image at input size, from one forward and one backward pass"
+    _check_fullgrad(model)
     pairs = [(n,m) for n,m in bias_layers(model) if not isinstance(m, nn.Linear)]   # spatial terms only
     biases = {n:_f32(layer_bias(m)) for n,m in pairs}
     size = tuple(xb.shape[-2:]) if isinstance(xb, Tensor) else None   # else `backprop` says what is wrong with `xb`
@@ -485,7 +853,7 @@ def fullgrad(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the 
             s = _minmax_channel_sum((_f32(g) * biases[n].view(1, -1, 1, 1)).abs_())
             key = tuple(s.shape[-2:])
             acc[key] = acc[key] + s if key in acc else s
-    r = backprop(model, xb, Capture(model, pairs, acts=False, on_grad=on_grad), target, input_grad=True)
+    r = backprop(model, xb, Capture(model, pairs, acts=False, on_grad=on_grad), target, input_grad=True, output=output)
     with _no_autocast(r.x):
         m = _minmax_channel_sum((r.input_grad * r.x).abs()) if input_term else r.x.new_zeros(r.x.shape[0], *size)
         for s in acc.values():
