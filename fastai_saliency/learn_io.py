@@ -18,16 +18,49 @@ from fastai.learner import Learner
 from fastai.torch_core import to_device, rank_distrib
 
 # %% auto #0
-__all__ = ['unwrap_model', 'in_validation', 'in_main_fit', 'dls_norm', 'valid_labels', 'spread_over_classes', 'default_probes',
-           'same_random_state', 'is_image_item', 'items_batch']
+__all__ = ['unwrap_model', 'plain_dl', 'plain_dls', 'is_main_process', 'in_validation', 'in_main_fit', 'dls_norm', 'valid_labels',
+           'spread_over_classes', 'default_probes', 'same_random_state', 'is_image_item', 'items_batch']
 
 # %% ../nbs/03_learn_io.ipynb #28c749bc
+# Wrapper class (by name: nothing of deepspeed or torch._dynamo is imported) -> the attribute holding the wrapped model.
+# Each runs that model unchanged, so the inner one can run alone in one process. FullyShardedDataParallel is left out on
+# purpose: its inner module holds sharded parameters that a forward gathers with collectives, on every rank.
+_WRAPPERS = dict(DistributedDataParallel='module', DataParallel='module', DeepSpeedEngine='module', OptimizedModule='_orig_mod')
+
+# %% ../nbs/03_learn_io.ipynb #e503411c
+def _inner(model):
+    "The model `model` wraps, or None"
+    for c in type(model).__mro__:
+        attr = _WRAPPERS.get(c.__name__)
+        if attr is not None and isinstance(getattr(model, attr, None), nn.Module): return getattr(model, attr)
+
+# %% ../nbs/03_learn_io.ipynb #7e6eb1a5
 def unwrap_model(model:nn.Module) -> nn.Module:
-    "The model inside `DistributedDataParallel`/`DataParallel` (`.module`) and `torch.compile` (`._orig_mod`) wrappers"
+    "The model inside `DistributedDataParallel`/`DataParallel`/`DeepSpeedEngine` (`.module`) and `torch.compile` (`._orig_mod`), in any nesting"
+    while (inner := _inner(model)) is not None: model = inner
+    return model
+
+# %% ../nbs/03_learn_io.ipynb #e4c1623a
+def plain_dl(dl):
+    "The DataLoader behind fastai's `DistributedDL` (`.dl`) or accelerate's `DataLoaderShard` (`.base_dataloader`); else `dl`"
     while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
-        elif isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod
-        else: return model
+        names = {c.__name__ for c in type(dl).__mro__}       # by name: accelerate stays optional
+        if 'DistributedDL' in names and hasattr(dl, 'dl'): dl = dl.dl
+        elif 'DataLoaderAdapter' in names and hasattr(dl, 'base_dataloader'): dl = dl.base_dataloader
+        else: return dl
+
+# %% ../nbs/03_learn_io.ipynb #576f0f14
+def plain_dls(dls:DataLoaders) -> DataLoaders:
+    "`dls`, or new `DataLoaders` on the plain DataLoaders behind its distributed ones (the same objects, nothing copied)"
+    loaders = [plain_dl(dl) for dl in dls.loaders]
+    if all(a is b for a,b in zip(loaders, dls.loaders)): return dls
+    return DataLoaders(*loaders, path=dls.path)   # no `device=`: setting it would call `.to` on the shared loaders
+
+# %% ../nbs/03_learn_io.ipynb #38d83e6a
+def is_main_process() -> bool:
+    "True in the process of rank 0 (the default process group's rank where one is initialised, else fastai's `rank_distrib`), and when not distributed"
+    if torch.distributed.is_available() and torch.distributed.is_initialized(): return torch.distributed.get_rank() == 0
+    return rank_distrib() == 0
 
 # %% ../nbs/03_learn_io.ipynb #5812ff33
 def in_validation(learn) -> bool:
@@ -38,12 +71,12 @@ def in_validation(learn) -> bool:
 # %% ../nbs/03_learn_io.ipynb #9c0fdcc1
 def in_main_fit(learn:Learner) -> bool:
     "True in a training fit on the main process: not under `lr_find`, not inside `validate`/`get_preds`, rank 0 only"
-    return not hasattr(learn, 'lr_finder') and not in_validation(learn) and rank_distrib() == 0
+    return not hasattr(learn, 'lr_finder') and not in_validation(learn) and is_main_process()
 
 # %% ../nbs/03_learn_io.ipynb #c842e9a4
 def dls_norm(dls:DataLoaders):
     "The `Normalize` transform of the DataLoaders' batch pipeline, or None"
-    return next((t for t in dls.valid.after_batch.fs if isinstance(t, Normalize)), None)
+    return next((t for t in plain_dl(dls.valid).after_batch.fs if isinstance(t, Normalize)), None)
 
 # %% ../nbs/03_learn_io.ipynb #f5022ce6
 def valid_labels(dls) -> list|None:
@@ -91,7 +124,7 @@ def is_image_item(o) -> bool: return isinstance(o, (str, Path, Image.Image))
 # %% ../nbs/03_learn_io.ipynb #0bcce6a1
 def items_batch(learn:Learner, items=None, n:int=4) -> tuple:
     "A normalised batch on the DataLoaders' device for `items`, and the labels where known (else None)"
-    dl = learn.dls.valid
+    dl = plain_dl(learn.dls.valid)
     if items is None: items = list(range(min(n, len(dl.dataset))))
     if isinstance(items, Tensor) and items.is_floating_point():
         if items.dim() == 3: items = items[None]
@@ -110,7 +143,7 @@ def items_batch(learn:Learner, items=None, n:int=4) -> tuple:
         b = dl.after_batch(to_device(b, dl.device))
         return b[0], (b[1] if len(b) > 1 else None)
     if all(is_image_item(i) for i in items):
-        xbs = [b[0] for b in learn.dls.test_dl(items, with_labels=False)]
+        xbs = [b[0] for b in plain_dls(learn.dls).test_dl(items, with_labels=False)]
         return torch.cat(xbs), None
     raise TypeError(f"items must be None, validation indices, file paths, PIL images or a batch tensor; "
                     f"got {sorted({type(i).__name__ for i in items})}")

@@ -45,6 +45,11 @@ class SaliencyCallback(Callback):
         self.probe_xb = self.writer = None
         self.reset()
 
+    @property
+    def model(self) -> nn.Module:
+        "The learner's model, unwrapped from a distributed or compiled wrapper: maps run on it, on rank 0 alone"
+        return unwrap_model(self.learn.model)
+
     def reset(self):
         "Forget the frames (the probes are kept)"
         self._maps,self._logits,self._targets,self.frames,self.iters_done,self._seen = [],[],[],[],0,0
@@ -63,7 +68,7 @@ class SaliencyCallback(Callback):
         self.norm = dls_norm(self.dls)
         self.vocab = getattr(self.dls, 'vocab', None)
         if self.method == 'gradcam' or (self.method == 'cam' and self.layer is not None):
-            self.layer = methods.layer_name(unwrap_model(self.model), self.layer)   # a name, also for a module or regex
+            self.layer = methods.layer_name(self.model, self.layer)   # a name, also for a module or regex
 
     def before_fit(self):
         self.run = in_main_fit(self.learn)
@@ -101,7 +106,7 @@ class SaliencyCallback(Callback):
 
     def _frame(self):
         "Predictions and maps of the probes with the model as it is now"
-        model = unwrap_model(self.learn.model)
+        model = self.model
         xb = self.probe_xb.to(model_device(model))
         with eval_mode(model), torch.no_grad(): logits = model(xb).as_subclass(Tensor).float()
         if self.target == 'label': t = self.labels if self.labels is not None else logits.argmax(1)

@@ -62,6 +62,11 @@ class SnapshotCallback(HookCallback):
         store_attr('valid_every,include,exclude,grads,bn_stats,params,dtype,background,fsync')
         self.writer = None
 
+    @property
+    def model(self) -> nn.Module:
+        "The learner's model, unwrapped from a distributed or compiled wrapper: its layer names, hooks and parameters"
+        return unwrap_model(self.learn.model)
+
     def hook(self, m:nn.Module, i, o):
         "What to keep of the output `o` of module `m` (input `i`): a tensor, a dict or tuple of tensors, or None; the output by default"
         return o
@@ -72,7 +77,7 @@ class SnapshotCallback(HookCallback):
         special = [s for s in _SPECIAL if (inc is None or s in inc) and s not in exc]
         inc_mods = None if inc is None else [i for i in inc if not (isinstance(i, str) and i in _SPECIAL)]
         exc_mods = [e for e in exc if not (isinstance(e, str) and e in _SPECIAL)] or None
-        model = unwrap_model(self.model)
+        model = self.model
         if inc is None: layers = find_layers(model, exclude=exc_mods, types=_DEFAULT_TYPES)
         else: layers = find_layers(model, inc_mods, exclude=exc_mods) if inc_mods else []
         if not layers and not special:
@@ -90,7 +95,7 @@ class SnapshotCallback(HookCallback):
         self.layers,self.special = self._select()
         names = [n for n,_ in self.layers]
         exc_mods = [e for e in listify(self.exclude) if not (isinstance(e, str) and e in _SPECIAL)] or None
-        model = unwrap_model(self.model)
+        model = self.model
         self.bns = find_layers(model, exclude=exc_mods, types=nn.modules.batchnorm._BatchNorm) if self.bn_stats else []
         self.param_layers = [(n,m) for n,m in self.layers if self.params and not isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.valid_count,self.cancelled = 0,False
