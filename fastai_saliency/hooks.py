@@ -10,8 +10,8 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['module_names', 'find_layer', 'find_layers', 'HookSet', 'Capture', 'n_hooks', 'graph_leaf', 'GraphOutputs',
-           'eval_mode', 'model_device']
+__all__ = ['module_names', 'find_layer', 'find_layers', 'grad_node', 'HookSet', 'Capture', 'n_hooks', 'graph_leaf',
+           'GraphOutputs', 'eval_mode', 'model_device']
 
 # %% ../nbs/00_hooks.ipynb #537c57e9
 def module_names(model:nn.Module) -> list:
@@ -74,7 +74,7 @@ def find_layers(model:nn.Module, include=None, # Names, modules or regexes (full
     return [(n, chosen[n]) for n in sorted(chosen, key=order.get) if types is None or isinstance(chosen[n], types)]
 
 # %% ../nbs/00_hooks.ipynb #4f0d78e7
-def _grad_node(t:Tensor):
+def grad_node(t:Tensor):
     "The autograd node that produced `t` (under fastai's `AliasBackward` wrappers) and the output index there"
     fn,idx = t.grad_fn, t.output_nr
     while fn is not None and type(fn).__name__ == 'AliasBackward0' and fn.next_functions: fn,idx = fn.next_functions[0]
@@ -132,7 +132,7 @@ class Capture(HookSet):
                     if self.on_act is not None: self.on_act(name, a)
                     else: self.acts[name] = self.fn_act(a)
             if self.want_grads and o.requires_grad and torch.is_grad_enabled():
-                node,idx = _grad_node(o)
+                node,idx = grad_node(o)
                 if node is not None: node.register_prehook(self._grad_hook(name, idx))
         return hook
 

@@ -10,7 +10,6 @@ import matplotlib.pyplot as plt
 from fastcore.basics import patch
 from fastcore.meta import delegates
 from fastai.learner import Learner
-from .hooks import eval_mode, model_device
 from .learn_io import items_batch, dls_norm, unwrap_model
 from . import methods
 from .plot import show_maps, show_overlay, to_image
@@ -25,38 +24,42 @@ def _model(learn:Learner) -> nn.Module:
 
 # %% ../nbs/08_learner.ipynb #9d3cee45
 @patch
-def gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; default: the last conv block of the body
+def gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; default: `methods.default_layer`
             items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
             target=None, # None (predicted class), an int, one int per image, or a callable on the logits
-            relu:bool=True, n:int=4) -> Tensor:
+            relu:bool=True, n:int=4,
+            reshape=None, # How to read an output that is not (B,C,h,w): 'nchw', 'nhwc', a token grid (h,w), a callable
+            output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+           ) -> Tensor:
     "Grad-CAM maps (B,H,W) in [0,1] for `items` at `layer`"
     xb,_ = items_batch(self, items, n)
-    model = _model(self)
-    return methods.gradcam(model, xb, methods.layer_name(model, layer), target=target, relu=relu)
+    return methods.gradcam(_model(self), xb, layer, target=target, relu=relu, reshape=reshape, output=output)
 
 # %% ../nbs/08_learner.ipynb #59464775
 @patch
 def cam(self:Learner, items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
-        target=None, layer=None, n:int=4) -> Tensor:
+        target=None, layer=None, n:int=4,
+        output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+       ) -> Tensor:
     "CAM maps (B,H,W) in [0,1] for `items` (a linearisation of the head, with a warning, where the head is not affine)"
     xb,_ = items_batch(self, items, n)
-    return methods.cam(_model(self), xb, layer=layer, target=target)
+    return methods.cam(_model(self), xb, layer=layer, target=target, output=output)
 
 # %% ../nbs/08_learner.ipynb #e52ce186
 @patch
 def fullgrad(self:Learner, items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
-             target=None, n:int=4) -> Tensor:
+             target=None, n:int=4,
+             output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+            ) -> Tensor:
     "FullGrad maps (B,H,W) in [0,1] for `items`"
     xb,_ = items_batch(self, items, n)
-    return methods.fullgrad(_model(self), xb, target=target)
+    return methods.fullgrad(_model(self), xb, target=target, output=output)
 
 # %% ../nbs/08_learner.ipynb #5fb1e6aa
-def _titles(learn:Learner, xb, ys, target) -> tuple:
+def _titles(learn:Learner, xb, ys, target, output=None) -> tuple:
     "Per item: predicted class and probability (true and explained class if they differ); and the explained classes"
-    model = _model(learn)
-    x = xb.as_subclass(Tensor).to(model_device(model))
-    with eval_mode(model), torch.no_grad(): logits = model(x).as_subclass(Tensor)
-    probs = logits.float().softmax(1).cpu()
+    logits = methods.model_logits(_model(learn), xb, output)
+    probs = logits.softmax(1).cpu()
     pred = probs.argmax(1)
     t = methods.resolve_target(target, logits).cpu() if target is not None else pred
     vocab = getattr(learn.dls, 'vocab', None)
@@ -78,27 +81,32 @@ def _show(learn, xb, maps, titles, what, cmap, alpha, ncols, **kwargs):
 # %% ../nbs/08_learner.ipynb #ef3025a2
 @patch
 @delegates(show_maps, but=['images', 'maps', 'titles', 'stats'])
-def show_gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; default: the last conv block of the body
+def show_gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; default: `methods.default_layer`
                  items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
                  target=None, # None (predicted class), an int, one int per image, or a callable on the logits
-                 n:int=4, cmap='jet', alpha:float=0.5, ncols:int=2, **kwargs):
+                 n:int=4, cmap='jet', alpha:float=0.5, ncols:int=2,
+                 reshape=None, # How to read an output that is not (B,C,h,w): 'nchw', 'nhwc', a token grid (h,w), a callable
+                 output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+                 **kwargs):
     "Grad-CAM of `items` at `layer` overlaid on the images, titled with the predicted class; returns the figure"
     xb,ys = items_batch(self, items, n)
     model = _model(self)
     name = methods.layer_name(model, layer)
-    titles,t = _titles(self, xb, ys, target)
-    maps = methods.gradcam(model, xb, name, target=t)
+    titles,t = _titles(self, xb, ys, target, output)
+    maps = methods.gradcam(model, xb, name, target=t, reshape=reshape, output=output)
     return _show(self, xb, maps, titles, f"Grad-CAM at {name!r}", cmap, alpha, ncols, **kwargs)
 
 # %% ../nbs/08_learner.ipynb #2d7f5095
 @patch
 @delegates(show_maps, but=['images', 'maps', 'titles', 'stats'])
 def show_cam(self:Learner, items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
-             target=None, layer=None, n:int=4, cmap='jet', alpha:float=0.5, ncols:int=2, **kwargs):
+             target=None, layer=None, n:int=4, cmap='jet', alpha:float=0.5, ncols:int=2,
+             output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+             **kwargs):
     "CAM of `items` overlaid on the images (marked approximate where the head is not affine); returns the figure"
     xb,ys = items_batch(self, items, n)
-    titles,t = _titles(self, xb, ys, target)
-    r = methods.cam_terms(_model(self), xb, layer=layer, target=t)
+    titles,t = _titles(self, xb, ys, target, output)
+    r = methods.cam_terms(_model(self), xb, layer=layer, target=t, output=output)
     maps = methods.scale_maps(r.map, xb.shape[-2:])
     what = f"CAM at {r.layer!r}" + ("" if r.exact else " (head linearised: approximate)")
     return _show(self, xb, maps, titles, what, cmap, alpha, ncols, **kwargs)
@@ -107,11 +115,14 @@ def show_cam(self:Learner, items=None, # None (the first `n` validation images),
 @patch
 @delegates(show_maps, but=['images', 'maps', 'titles', 'stats'])
 def show_fullgrad(self:Learner, items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
-                  target=None, n:int=4, cmap='jet', alpha:float=0.5, ncols:int=2, **kwargs):
+                  target=None, n:int=4, cmap='jet', alpha:float=0.5, ncols:int=2,
+                  output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+                  **kwargs):
     "FullGrad of `items` overlaid on the images, titled with the predicted class; returns the figure"
     xb,ys = items_batch(self, items, n)
-    titles,t = _titles(self, xb, ys, target)
-    return _show(self, xb, methods.fullgrad(_model(self), xb, target=t), titles, "FullGrad", cmap, alpha, ncols, **kwargs)
+    titles,t = _titles(self, xb, ys, target, output)
+    maps = methods.fullgrad(_model(self), xb, target=t, output=output)
+    return _show(self, xb, maps, titles, "FullGrad", cmap, alpha, ncols, **kwargs)
 
 # %% ../nbs/08_learner.ipynb #871cc570
 _LAYER_METHODS = dict(gradcam='Grad-CAM', activation='Mean activation')   # the names `method` takes and figure titles
@@ -131,9 +142,10 @@ def _one_image(learn:Learner, item) -> tuple:
     return xb,ys
 
 # %% ../nbs/08_learner.ipynb #4b7b7c0f
-def _layer_maps(learn:Learner, xb, method:str, layers, target) -> tuple:
+def _layer_maps(learn:Learner, xb, method:str, layers, target, reshape=None, output=None) -> tuple:
     "Maps (1,H,W) at `layers` (default: `depth_layers`) for the one-image batch `xb`, and each layer's native (h,w)"
-    return methods.layer_maps(_model(learn), xb, layers, method, target=target if method == 'gradcam' else None)
+    return methods.layer_maps(_model(learn), xb, layers, method, target=target if method == 'gradcam' else None,
+                              reshape=reshape, output=output)
 
 # %% ../nbs/08_learner.ipynb #9baae10c
 @patch
@@ -141,10 +153,12 @@ def layer_heatmaps(self:Learner, item=0, # A validation index, a file, a PIL ima
                    method:str='gradcam', # 'gradcam' or 'activation' (channel-mean of each layer's output)
                    layers=None, # Names, modules or regexes; default: `methods.depth_layers(self.model)`
                    target=None, # None (predicted class) or a class index; Grad-CAM only
+                   reshape=None, # How to read outputs that are not (B,C,h,w) (see `methods.feature_layout`)
+                   output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
                   ) -> dict:
     "One image's maps (H,W) in [0,1] at `layers` (name -> map), in order from the first conv to the last"
     _check_method(method, target)
-    maps,_ = _layer_maps(self, _one_image(self, item)[0], method, layers, target)
+    maps,_ = _layer_maps(self, _one_image(self, item)[0], method, layers, target, reshape, output)
     return {n:m[0] for n,m in maps.items()}
 
 # %% ../nbs/08_learner.ipynb #68fa659c
@@ -156,12 +170,14 @@ def show_layer_heatmaps(self:Learner, item=0, # A validation index, a file, a PI
                         ncols:int=None, # Panels per row (default: up to 5)
                         cmap='jet', alpha:float=0.5,
                         size:float=2.2, # Size of one panel in inches
+                        reshape=None, # How to read outputs that are not (B,C,h,w) (see `methods.feature_layout`)
+                        output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
                        ):
     "The image, then its heatmap at each of `layers` titled with the layer and its native size; returns the figure"
     _check_method(method, target)
     xb,ys = _one_image(self, item)
-    titles,t = _titles(self, xb, ys, target)
-    maps,sizes = _layer_maps(self, xb, method, layers, t)
+    titles,t = _titles(self, xb, ys, target, output)
+    maps,sizes = _layer_maps(self, xb, method, layers, t, reshape, output)
     n = len(maps) + 1
     ncols = min(n, 5) if ncols is None else max(1, min(ncols, n))
     nrows = -(-n // ncols)

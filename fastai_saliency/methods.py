@@ -4,19 +4,20 @@
 
 # %% ../nbs/04_methods.ipynb #c60503a4
 from __future__ import annotations
-import warnings, math
+import warnings, math, weakref
 import torch, torch.nn.functional as F
 from torch import nn, Tensor
 from contextlib import nullcontext
 from fastcore.basics import AttrDict, listify
 from fastai.layers import AdaptiveConcatPool2d, Flatten as FastaiFlatten
-from .hooks import HookSet, Capture, GraphOutputs, graph_leaf, find_layer, eval_mode, model_device
+from .hooks import HookSet, Capture, GraphOutputs, graph_leaf, grad_node, find_layer, eval_mode, model_device
 
 # %% auto #0
-__all__ = ['describe_output', 'select_output', 'resolve_target', 'backprop', 'scale_maps', 'last_conv_block', 'timm_root',
-           'attention_blocks', 'default_layer', 'layer_name', 'FeatureLayout', 'feature_layout', 'to_feature_map',
-           'layer_maps', 'gradcam', 'depth_layers', 'gradcam_layers', 'activation_maps', 'cam_terms',
-           'ApproximateCAMWarning', 'cam', 'layer_bias', 'bias_layers', 'fullgrad_terms', 'fullgrad']
+__all__ = ['describe_output', 'select_output', 'model_logits', 'resolve_target', 'backprop', 'scale_maps', 'last_conv_block',
+           'timm_root', 'attention_blocks', 'default_layer', 'layer_name', 'FeatureLayout', 'feature_layout',
+           'to_feature_map', 'layer_maps', 'gradcam', 'depth_layers', 'gradcam_layers', 'activation_maps', 'cam_terms',
+           'ApproximateCAMWarning', 'cam', 'layer_bias', 'point_bias', 'clamp_levels', 'fullgrad_sites', 'bias_layers',
+           'fullgrad_terms', 'FullGradGapWarning', 'fullgrad']
 
 # %% ../nbs/04_methods.ipynb #672e306e
 def _f32(t:Tensor) -> Tensor:
@@ -28,12 +29,13 @@ def _no_autocast(t:Tensor): return torch.autocast(t.device.type, enabled=False)
 
 # %% ../nbs/04_methods.ipynb #374faca1
 def _prep_input(model:nn.Module, xb:Tensor, grad:bool=False) -> Tensor:
-    "A plain-tensor leaf copy of `xb` on `model`'s device (that requires grad if `grad`)"
+    "A plain-tensor leaf copy of `xb` on `model`'s device, in its floating dtype (that requires grad if `grad`)"
     if not isinstance(xb, Tensor): raise TypeError(f"xb must be a batch tensor (B,C,H,W), not {type(xb).__name__}")
     if xb.dim() != 4:
         raise ValueError(f"xb must be a batch of images (B,C,H,W), got shape {tuple(xb.shape)}; for one image pass xb[None]")
     if not xb.is_floating_point(): raise ValueError(f"xb must be a float batch, normalised as the model expects; got {xb.dtype}")
-    x = xb.detach().as_subclass(Tensor).to(model_device(model))
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)    # a bf16/fp16 model takes its own dtype
+    x = xb.detach().as_subclass(Tensor).to(model_device(model), dtype=xb.dtype if p is None else p.dtype)
     return x.clone().requires_grad_(grad)
 
 # %% ../nbs/04_methods.ipynb #dd296508
@@ -79,6 +81,13 @@ def _forward(model:nn.Module, x:Tensor, output=None) -> Tensor:
     "The model's logits for `x` as a plain tensor (`output`: see `select_output`)"
     out = select_output(model(x), output)
     return out.as_subclass(Tensor) if type(out) is not Tensor else out
+
+# %% ../nbs/04_methods.ipynb #fe19ff1d
+def model_logits(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
+                 output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
+                ) -> Tensor:
+    "The model's logits for `xb` in eval mode, without gradients, as float32 (what the maps are computed against)"
+    with eval_mode(model), torch.no_grad(): return _forward(model, _prep_input(model, xb), output).float()
 
 # %% ../nbs/04_methods.ipynb #864634e9
 def resolve_target(target, # None (predicted class), an int, one int per image, or a callable on the logits returning those
@@ -603,16 +612,20 @@ def gradcam_layers(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised a
                    layers, # Names, modules or regexes (one or a list); None: `depth_layers(model)`
                    target=None, # None (predicted class), an int, one int per image, or a callable on the logits
                    relu:bool=True, # Keep only the positive part, as in the paper
+                   reshape=None, # How to read outputs that are not (B,C,h,w) (see `feature_layout`); or a dict name -> that
+                   output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
                   ) -> dict:
     "Grad-CAM maps (B,H,W) in [0,1] at input size for each of `layers` (name -> maps), from one forward and one backward"
-    return layer_maps(model, xb, layers, 'gradcam', target=target, relu=relu)[0]
+    return layer_maps(model, xb, layers, 'gradcam', target=target, relu=relu, reshape=reshape, output=output)[0]
 
 # %% ../nbs/04_methods.ipynb #4a668fd7
 def activation_maps(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
                     layers, # Names, modules or regexes (one or a list); None: `depth_layers(model)`
+                    reshape=None, # How to read outputs that are not (B,C,h,w) (see `feature_layout`); or a dict name -> that
+                    output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
                    ) -> dict:
     "Channel-mean of each layer's output (name -> (B,H,W)), resized bilinearly to input size and scaled to [0,1] per image"
-    return layer_maps(model, xb, layers, 'activation')[0]
+    return layer_maps(model, xb, layers, 'activation', reshape=reshape, output=output)[0]
 
 # %% ../nbs/04_methods.ipynb #65156ce1
 def _transformer(model:nn.Module) -> str|None:
@@ -779,7 +792,20 @@ def _check_fullgrad(model:nn.Module):
                      f"{default_layer(model)!r})")
 
 # %% ../nbs/04_methods.ipynb #35d4acce
-_BIAS_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+_NormBase,_BatchNorm = nn.modules.batchnorm._NormBase,nn.modules.batchnorm._BatchNorm
+_NORMS = (_NormBase, nn.GroupNorm, nn.LayerNorm)   # _NormBase: batch and instance norms
+_FUSED = ('drop', 'act')   # timm's fused norm+activation (BatchNormAct2d, GroupNormAct...): norm -> self.drop -> self.act
+
+def _has_stats(m:nn.Module) -> bool:
+    return all(isinstance(getattr(m, k, None), Tensor) for k in ('running_mean', 'running_var'))
+
+def _is_norm(m:nn.Module) -> bool:
+    "Batch, instance, group or layer norm, or a frozen batchnorm (torchvision's, timm's: statistics and affine as buffers)"
+    return isinstance(m, _NORMS) or (_has_stats(m) and hasattr(m, 'eps'))
+
+def _is_fused(m:nn.Module) -> bool:
+    "A norm whose forward also runs a `drop` and/or `act` child after normalising: the bias enters before them"
+    return _is_norm(m) and any(isinstance(getattr(m, k, None), nn.Module) for k in _FUSED)
 
 # %% ../nbs/04_methods.ipynb #3b60a039
 def layer_bias(m:nn.Module):
@@ -793,38 +819,168 @@ def layer_bias(m:nn.Module):
     b = getattr(m, 'bias', None)
     return None if b is None else b.detach()
 
+# %% ../nbs/04_methods.ipynb #1c300433
+def point_bias(m:nn.Module):
+    "The constant `m` adds (None if none): `layer_bias`, and `beta - mean*gamma/sqrt(var+eps)` also for frozen and instance norms"
+    if isinstance(m, _BatchNorm) or not _has_stats(m): return layer_bias(m)
+    scale = torch.rsqrt(m.running_var + m.eps)
+    w,b = getattr(m, 'weight', None),getattr(m, 'bias', None)
+    if w is not None: scale = scale * w
+    b = -m.running_mean * scale + (0 if b is None else b)
+    return b.detach()
+
+# %% ../nbs/04_methods.ipynb #ace75997
+def clamp_levels(m:nn.Module):
+    "`(lo, hi, c_lo, c_mid, c_hi)`: `m` is the constant `c_lo` where its output <= `lo`, `c_hi` where >= `hi`, else a*z + `c_mid`"
+    if isinstance(m, nn.Hardtanh): return (m.min_val, m.max_val, m.min_val, 0., m.max_val)   # also ReLU6 (0, 6)
+    if isinstance(m, nn.Hardsigmoid): return (0., 1., 0., .5, 1.)                             # z/6 + 1/2 between -3 and 3
+    return None
+
+# %% ../nbs/04_methods.ipynb #37ba0b4f
+def fullgrad_sites(model:nn.Module) -> list:
+    "`(name, module, kind)` where `model` adds a constant: 'out' (at the output), 'pre' (before a fused activation), 'clamp'"
+    res = []
+    for n,m in model.named_modules():
+        if isinstance(m, (_ConvNd, nn.Linear)) or _is_norm(m):
+            if point_bias(m) is not None: res.append((n, m, 'pre' if _is_fused(m) else 'out'))
+        elif clamp_levels(m) is not None: res.append((n, m, 'clamp'))
+    return res
+
 # %% ../nbs/04_methods.ipynb #f10ef75c
 def bias_layers(model:nn.Module) -> list:
-    "`(name, module)` of every layer of `model` that adds a bias (explicit or implicit): conv, linear, batchnorm"
-    has_bias = lambda m: getattr(m, 'bias', None) is not None or getattr(m, 'running_mean', None) is not None
-    return [(n,m) for n,m in model.named_modules() if isinstance(m, _BIAS_TYPES) and has_bias(m)]
+    "`(name, module)` of every layer of `model` that adds a bias (explicit or implicit): conv, linear, batch and other norms"
+    return [(n,m) for n,m,k in fullgrad_sites(model) if k != 'clamp']
 
 # %% ../nbs/04_methods.ipynb #2beaf9fe
-def _bias_view(m:nn.Module, b:Tensor, ndim:int) -> Tensor:
-    "`b` shaped to broadcast over the channels of an `ndim`-d output of `m` (the last dimension for `Linear`)"
-    shape = [1]*ndim
-    shape[-1 if isinstance(m, nn.Linear) else 1] = -1
-    return b.view(shape)
+def _trailing(m:nn.Module) -> bool:
+    "Does `m` add its bias along the last dims (linear, channels-last layer norm) rather than along dim 1?"
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.LayerNorm) and '2d' not in type(m).__name__.lower())
+
+# %% ../nbs/04_methods.ipynb #b319bddb
+def _bias_view(b:Tensor, trailing:bool, ndim:int) -> Tensor:
+    "`b` shaped to broadcast over an `ndim`-d tensor: along its last `b.dim()` dims, or along dim 1"
+    return b.view([1]*(ndim - b.dim()) + list(b.shape)) if trailing else b.view([1, -1] + [1]*(ndim - 2))
+
+# %% ../nbs/04_methods.ipynb #da7ee236
+class _Points(HookSet):
+    "Hooks finding each call's bias point or clamp of `sites` in the forward pass, and the gradient there in the backward"
+    def __init__(self, sites, # From `fullgrad_sites`
+                 on_grad, # Called as `on_grad(i, g)` during the backward pass, `i` indexing `calls`
+                ):
+        self.calls,self.on_grad,self.biases = [],on_grad,{}
+        super().__init__([])
+        try:
+            for n,m,k in sites:
+                if k != 'clamp': self.biases[n] = (_f32(point_bias(m)), _trailing(m))
+                if k == 'pre': self._fused(n, m)
+                else: self.handles.append(m.register_forward_hook(self._post(n, m, k)))
+        except BaseException: self.remove(); raise
+
+    def _add(self, n, kind, t, sat=None):
+        "Record point `t` (the tensor a constant is added to, or a clamp's output) and hook its node; a view comes back cloned"
+        if not isinstance(t, Tensor) or not t.is_floating_point(): return
+        i = len(self.calls)
+        tr = kind != 'clamp' and self.biases[n][1]
+        dt = _f32(t).dtype if kind == 'clamp' else self.biases[n][0].dtype
+        self.calls.append(AttrDict(name=n, kind=kind, shape=t.shape, dtype=dt, device=t.device, sat=sat,
+                                   channels_last=bool(tr) and t.dim() == 4 and self.biases[n][0].dim() == 1))
+        if not (t.requires_grad and torch.is_grad_enabled()): return
+        node,idx = grad_node(t)   # the node, not the tensor: a later in-place op (ReLU, +=) must not change what we see
+        if node is not None: node.register_prehook(self._grad_hook(i, idx))
+        else: t.register_hook(lambda g: self.on_grad(i, g))   # a leaf (the input itself)
+        # an in-place op on a view (an in-place activation after timm's LayerNorm2d, or after a linear layer on (B,N,C))
+        # rebases the view's history and drops the node hooked above: the model goes on with a copy instead
+        return t.clone() if t._base is not None else None
+
+    def _grad_hook(self, i, idx):
+        def hook(grad_outputs):
+            g = grad_outputs[idx]
+            if g is not None: self.on_grad(i, g)
+        return hook
+
+    def _post(self, n, m, kind):
+        lv = clamp_levels(m) if kind == 'clamp' else None
+        def hook(mod, args, o):
+            if kind != 'clamp': return self._add(n, kind, o)
+            if not isinstance(o, Tensor): return
+            lo,hi,c_lo,c_mid,c_hi = lv
+            with torch.no_grad():   # masks now, from the output: an in-place op downstream may overwrite it
+                parts = [(o <= lo, c_lo - c_mid)] if c_lo != c_mid else []
+                if c_hi != c_mid: parts.append((o >= hi, c_hi - c_mid))
+            return self._add(n, kind, o, sat=(c_mid, parts))
+        return hook
+
+    def _fused(self, n, m):
+        "Hooks on a fused norm+activation `m`: its point is the input of the first `drop`/`act` child it calls (else its output)"
+        pending = [False]
+        def pre(mod, args): pending[0] = True
+        def child(mod, args):
+            if not (pending[0] and args): return
+            pending[0] = False
+            t = self._add(n, 'pre', args[0])
+            if t is not None: return (t, *args[1:])
+        def post(mod, args, o):
+            if pending[0]: pending[0] = False; return self._add(n, 'pre', o)
+        self.handles.append(m.register_forward_pre_hook(pre))
+        for k in _FUSED:
+            c = getattr(m, k, None)
+            if isinstance(c, nn.Module): self.handles.append(c.register_forward_pre_hook(child))
+        self.handles.append(m.register_forward_hook(post))
+
+    def term(self, i, g:Tensor) -> Tensor:
+        "The term of point `i`: the gradient `g` there times the constant added there"
+        c,g = self.calls[i],_f32(g.detach())
+        if c.kind != 'clamp':
+            b,tr = self.biases[c.name]
+            return g * _bias_view(b, tr, g.dim())
+        base,parts = c.sat   # the constant: `base` between the levels, `base + d` where a level's mask is set
+        k = sum((mask.to(g.dtype) * d for mask,d in parts), g.new_full((), base))
+        return g * k
+
+    def zeros(self, i) -> Tensor:
+        c = self.calls[i]
+        return torch.zeros(c.shape, dtype=c.dtype, device=c.device)
+
+# %% ../nbs/04_methods.ipynb #3c034800
+def _gap(score:Tensor, sums:list) -> tuple:
+    "Residual `score - sum(sums)` per image, and the relative gap |residual| / (|score| + sum of |each sum|), in [0, 1]"
+    s = torch.stack([_f32(t) for t in sums]).to(_f32(score).dtype)
+    resid = _f32(score) - s.sum(0)
+    ref = _f32(score).abs() + s.abs().sum(0)
+    return resid,resid.abs() / ref.clamp_min(torch.finfo(ref.dtype).tiny)
+
+# %% ../nbs/04_methods.ipynb #68e01c4c
+def _input_term(r) -> Tensor:
+    "grad_x * x from `backprop`'s result, in float32 or float64 (zeros where the logits do not depend on the input)"
+    x = _f32(r.x)
+    return (_f32(r.input_grad) if r.input_grad is not None else torch.zeros_like(x)) * x
 
 # %% ../nbs/04_methods.ipynb #3f187ea1
 def fullgrad_terms(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
                    target=None, # None (predicted class), an int, one int per image, or a callable on the logits
                    output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
                   ) -> AttrDict:
-    "The full-gradient decomposition of the target logits: `input_term` (grad_x * x) and one `bias_terms` tensor per biased layer call"
+    "The full-gradient decomposition of the target logits: `input_term` (grad_x * x), `bias_terms` per call (`names`, `kinds`), `residual`, `gap`"
     _check_fullgrad(model)
-    pairs = bias_layers(model)
-    mods,biases = dict(pairs),{n:_f32(layer_bias(m)) for n,m in pairs}
-    calls,grads = [],{}
-    def on_act(n, o): calls.append((n, o.shape))
-    def on_grad(n, g): grads.setdefault(n, []).append(_f32(g.detach()) * _bias_view(mods[n], biases[n], g.dim()))
-    r = backprop(model, xb, Capture(model, pairs, on_act=on_act, on_grad=on_grad), target, input_grad=True, output=output)
-    terms = []
-    for n,shape in calls:   # a layer called twice has two terms; one the target does not depend on is zero
-        gl = grads.get(n, [])
-        terms.append(gl.pop() if gl else torch.zeros(shape, dtype=biases[n].dtype, device=r.x.device))
-    return AttrDict(logits=_f32(r.logits), target=r.target, target_logit=_f32(r.score), input_term=r.input_grad * r.x,
-                    bias_terms=terms, names=[n for n,_ in calls])
+    terms = {}
+    pts = _Points(fullgrad_sites(model), lambda i,g: terms.__setitem__(i, pts.term(i, g)))
+    r = backprop(model, xb, pts, target, input_grad=True, output=output)
+    bias_terms = [terms[i] if i in terms else pts.zeros(i) for i in range(len(pts.calls))]   # zero: the logit ignores it
+    it = _input_term(r)
+    resid,gap = _gap(r.score, [it.flatten(1).sum(1)] + [t.flatten(1).sum(1) for t in bias_terms])
+    return AttrDict(logits=_f32(r.logits), target=r.target, target_logit=_f32(r.score), input_term=it,
+                    bias_terms=bias_terms, names=[c.name for c in pts.calls], kinds=[c.kind for c in pts.calls],
+                    residual=resid, gap=gap)
+
+# %% ../nbs/04_methods.ipynb #ac7984ee
+class FullGradGapWarning(UserWarning):
+    "FullGrad's terms miss part of the target logit: the model is not piecewise linear, or adds constants FullGrad cannot see"
+
+# %% ../nbs/04_methods.ipynb #678c318c
+_gap_warned = weakref.WeakSet()   # the models already warned about
+
+# %% ../nbs/04_methods.ipynb #6b958f3f
+def _default_tol(dt:torch.dtype) -> float: return max(1e-3, 8*torch.finfo(dt).eps)   # fp16: 0.0078, bf16: 0.0625
 
 # %% ../nbs/04_methods.ipynb #38cc9c1f
 def _minmax_channel_sum(t:Tensor) -> Tensor:
@@ -839,23 +995,37 @@ def fullgrad(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the 
              input_term:bool=True, # Add the input-gradient term |grad_x * x| (the reference does)
              align_corners:bool=True, # Resize the layer terms with `align_corners=True` (the reference) or False
              max_stride:int|None=None, # Leave out the terms of layers whose map is coarser than input size / max_stride; None: all (the reference)
+             gap_tol:float|None=None, # Warn (once per model) above this relative gap; None: 1e-3, more in half precision
             ) -> Tensor:
     "FullGrad saliency maps (B,H,W) in [0,1] per image at input size, from one forward and one backward pass"
     _check_fullgrad(model)
-    pairs = [(n,m) for n,m in bias_layers(model) if not isinstance(m, nn.Linear)]   # spatial terms only
-    biases = {n:_f32(layer_bias(m)) for n,m in pairs}
     size = tuple(xb.shape[-2:]) if isinstance(xb, Tensor) else None   # else `backprop` says what is wrong with `xb`
-    acc = {}   # resolution -> sum over layers of the channel-summed, min-max scaled terms
+    acc,sums = {},[]   # resolution -> sum of the channel-summed, min-max scaled terms; each term's sum per image
     coarse = lambda hw: max_stride is not None and max(size[0]/hw[0], size[1]/hw[1]) > max_stride
-    def on_grad(n, g):
-        if g.dim() != 4 or coarse(g.shape[-2:]): return
+    def on_grad(i, g):
         with _no_autocast(g), torch.no_grad():
-            s = _minmax_channel_sum((_f32(g) * biases[n].view(1, -1, 1, 1)).abs_())
+            t = pts.term(i, g)
+            sums.append(t.flatten(1).sum(1))
+            if t.dim() != 4: return
+            if pts.calls[i].channels_last: t = t.permute(0, 3, 1, 2)
+            if coarse(t.shape[-2:]): return
+            s = _minmax_channel_sum(t.abs_())
             key = tuple(s.shape[-2:])
             acc[key] = acc[key] + s if key in acc else s
-    r = backprop(model, xb, Capture(model, pairs, acts=False, on_grad=on_grad), target, input_grad=True, output=output)
+    pts = _Points(fullgrad_sites(model), on_grad)
+    r = backprop(model, xb, pts, target, input_grad=True, output=output)
     with _no_autocast(r.x):
-        m = _minmax_channel_sum((r.input_grad * r.x).abs()) if input_term else r.x.new_zeros(r.x.shape[0], *size)
+        it = _input_term(r)
+        _,gap = _gap(r.score, [it.flatten(1).sum(1)] + sums)
+        tol,gap = _default_tol(r.logits.dtype) if gap_tol is None else gap_tol,gap.max().item()
+        if gap > tol and model not in _gap_warned:
+            _gap_warned.add(model)
+            warnings.warn(f"FullGrad is approximate for this {type(model).__name__}: its terms miss {gap:.2g} of the "
+                          f"target logit (|residual| / (|logit| + sum of |terms|), worst image; tolerance {tol:g}). "
+                          "It is exact only for piecewise-linear nets whose constants are all conv/linear/norm biases "
+                          "or clamps (ReLU6, Hardtanh); see fullgrad_terms(...).residual. Shown once per model.",
+                          FullGradGapWarning, stacklevel=2)
+        m = _minmax_channel_sum(it.abs_()) if input_term else r.x.new_zeros(r.x.shape[0], *size, dtype=it.dtype)
         for s in acc.values():
             m = m + F.interpolate(s[:, None], size=size, mode='bilinear', align_corners=align_corners)[:, 0]
         return scale_maps(m)

@@ -5,7 +5,7 @@
 # %% ../nbs/07_saliency.ipynb #f19604e1
 from __future__ import annotations
 from fastai.basics import *
-from .hooks import eval_mode, model_device
+from .hooks import model_device
 from .store import SnapshotWriter
 from .learn_io import in_main_fit, items_batch, dls_norm, default_probes, same_random_state, unwrap_model
 from . import methods, plot
@@ -108,7 +108,7 @@ class SaliencyCallback(Callback):
         "Predictions and maps of the probes with the model as it is now"
         model = self.model
         xb = self.probe_xb.to(model_device(model))
-        with eval_mode(model), torch.no_grad(): logits = model(xb).as_subclass(Tensor).float()
+        logits = methods.model_logits(model, xb, self.kwargs.get('output'))
         if self.target == 'label': t = self.labels if self.labels is not None else logits.argmax(1)
         elif self.target in (None, 'pred'): t = logits.argmax(1)
         else: t = methods.resolve_target(self.target, logits)
