@@ -213,3 +213,25 @@ def test_precision_and_memory_format(how):
     for k in ref:
         assert out[k].dtype == torch.float32, (how, k)
         assert _r(out[k], ref[k]) > 0.99, (how, k, _r(out[k], ref[k]))
+
+@pytest.mark.parametrize('setup', ['to_fp16', 'to_bf16', 'to_channelslast'])
+def test_learner_and_callback_under_mixed_precision_and_channels_last(dls, setup):
+    "Learner methods and a saliency callback on a learner set up for mixed precision / channels last: float32 maps equal to plain float32 ones"
+    def make():
+        torch.manual_seed(0)                                   # no BatchNorm: with lr=0 the fit leaves the model as it was
+        return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(inplace=True),
+                             nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(16, dls.c))
+    ref = Learner(dls, make())
+    xb = dls.valid.one_batch()[0][:3]
+    want = dict(gc=ref.gradcam('2', items=xb), fg=ref.fullgrad(items=xb))
+    learn = Learner(dls, make())
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')                        # fastai's autocast('cuda') is disabled on a CPU-only machine
+        getattr(learn, setup)()
+        cb = GradCAMCallback('2', items=xb)
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 0., cbs=cb)
+    got = dict(gc=learn.gradcam('2', items=xb), fg=learn.fullgrad(items=xb))
+    for k in want:
+        assert got[k].dtype == torch.float32 and _r(got[k], want[k]) > 0.99, (setup, k)
+    assert cb.maps.dtype == torch.float32 and _r(cb.maps[-1], want['gc']) > 0.99
+    assert learn.show_gradcam('2', items=xb).get_suptitle() == "Grad-CAM at '2'"
