@@ -13,3 +13,4 @@ from .learner import *
 from .capture import *
 from .monitor import *
 from .evaluate import *
+from .adversarial import *

@@ -8,7 +8,7 @@ import os, re, json, errno
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['capture_files', 'CaptureWriter', 'read_capture']
+__all__ = ['capture_files', 'CaptureWriter', 'read_capture_from', 'read_capture']
 
 # %% ../nbs/10a_capture.ipynb #7bc49a88
 _CAPTURE_RE = re.compile(r'capture-(\d{6,})\.jsonl')
@@ -70,20 +70,44 @@ class CaptureWriter:
             if fd >= 0: os.close(fd)
 
 # %% ../nbs/10a_capture.ipynb #46849be6
-def read_capture(path, # A capture folder, or one capture file
-                ) -> list:
-    "The records captured under `path`, oldest first; a partial line at the end of a file (a killed writer) is skipped"
-    path = Path(path)
+def _check_cursor(cursor) -> tuple|None:
+    "`(file name, offset)` of a cursor `read_capture_from` returned, or None"
+    if cursor is None: return None
+    ok = isinstance(cursor, dict) and isinstance(cursor.get('file'), str) and isinstance(cursor.get('offset'), int) and cursor['offset'] >= 0
+    if not ok: raise ValueError(f"cursor must be None or a dict(file=name, offset=int >= 0) that read_capture_from returned, got {cursor!r}")
+    return cursor['file'],cursor['offset']
+
+# %% ../nbs/10a_capture.ipynb #ff06f613
+def read_capture_from(path, # A capture folder, or one capture file
+                      cursor:dict=None, # Where an earlier call stopped (the cursor it returned); None: from the start
+                     ) -> tuple:
+    "The records captured under `path` after `cursor`, oldest first, and the cursor after the last whole line read"
+    path,start = Path(path),_check_cursor(cursor)
     if path.is_dir(): files = capture_files(path)
     elif path.is_file(): files = [path]
     else: raise FileNotFoundError(f"no capture folder or file {str(path)!r}: PredictionMonitor(capture=folder) writes one")
+    num = lambda name: int(m.group(1)) if (m := _CAPTURE_RE.fullmatch(name)) else -1
+    if start is not None and files and all(num(f.name) < num(start[0]) for f in files): start = None   # a folder started anew
     recs = []
     for f in files:
+        off = 0
+        if start is not None:
+            if f.name == start[0]: off = start[1]
+            elif num(f.name) < num(start[0]): continue            # read before; a deleted cursor file: all newer ones
         data = f.read_bytes()
-        whole = data[:data.rfind(b'\n')+1]             # a trailing partial line is being written, or its writer died
-        for i,line in enumerate(whole.split(b'\n')[:-1]):
+        if len(data) < off: off = 0                               # shorter than when read: a new file of that name
+        end = max(off, data.rfind(b'\n') + 1)                    # a trailing partial line is being written, or its writer died
+        first = data.count(b'\n', 0, off)
+        for i,line in enumerate(data[off:end].split(b'\n')[:-1]):
             if not line.strip(): continue
             try: recs.append(json.loads(line))
-            except ValueError: raise ValueError(f"line {i+1} of {str(f)!r} is not JSON ({line[:60]!r}...): capture files hold "
-                                                "whole lines only, so something else wrote to this file") from None
-    return recs
+            except ValueError: raise ValueError(f"line {first+i+1} of {str(f)!r} is not JSON ({line[:60]!r}...): capture files "
+                                                "hold whole lines only, so something else wrote to this file") from None
+        cursor = dict(file=f.name, offset=end)
+    return recs,cursor
+
+# %% ../nbs/10a_capture.ipynb #9131245d
+def read_capture(path, # A capture folder, or one capture file
+                ) -> list:
+    "The records captured under `path`, oldest first; a partial line at the end of a file (a killed writer) is skipped"
+    return read_capture_from(path)[0]

@@ -15,9 +15,12 @@ from .saliency import FullGradCallback, GradCAMCallback
 from .store import Trial
 from .evaluate import pointing_curve, plot_pointing_curve, box_area_share, valid_boxes
 import fastai_saliency.learner   # Learner.show_layer_heatmaps
+import sys
+from .monitor import check_capture
 
 # %% auto #0
-__all__ = ['demo_parser', 'save_samples', 'save_training_stats', 'write_report', 'run_demo', 'main']
+__all__ = ['MONITOR_VIOLATIONS', 'add_monitor_parser', 'demo_parser', 'save_samples', 'save_training_stats', 'write_report',
+           'run_demo', 'main', 'run_monitor']
 
 # %% ../nbs/13_cli.ipynb #c9becaca
 def _positive_int(lo=1, hi=None):
@@ -28,6 +31,21 @@ def _positive_int(lo=1, hi=None):
             raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi if hi is not None else 'inf'}, got {v}")
         return v
     return f
+
+# %% ../nbs/13_cli.ipynb #76f9a28b
+def add_monitor_parser(sub):
+    "Add the `monitor` command to the subparsers `sub` of `fastai-saliency`"
+    m = sub.add_parser('monitor', help='check the predictions captured in CAPTURE against a baseline\'s constraints',
+                       description='Check the predictions a PredictionMonitor captured in CAPTURE against the constraints of a '
+                                   'baseline (PredictionMonitor.from_learner(learn).constraints.save(fname)): write the violations '
+                                   'report (JSON and PNG) to --out and append its figures to --out/history.jsonl. Run it from '
+                                   'cron for a scheduled check. Exit status: 0 no violation, 1 violations found, 2 bad input.')
+    m.add_argument('capture', type=Path, metavar='CAPTURE', help='capture folder (or file) of PredictionMonitor(capture=...)')
+    m.add_argument('--constraints', type=Path, required=True, metavar='JSON', help='constraints file of the baseline')
+    m.add_argument('--out', type=Path, default=None, help='folder for the reports and history.jsonl (default: CAPTURE/monitoring)')
+    m.add_argument('--since', default='last', help="which records: 'last' (those after the last check in --out, the default), "
+                                                   "'all', or those after an ISO time such as 2024-05-01T13:00:00+00:00")
+    return m
 
 # %% ../nbs/13_cli.ipynb #95a8268a
 def demo_parser() -> argparse.ArgumentParser:
@@ -43,6 +61,7 @@ def demo_parser() -> argparse.ArgumentParser:
     d.add_argument('--n-per-class', type=_positive_int(5, 5000), default=200, help='images per class (default: 200)')
     d.add_argument('--seed', type=int, default=0, help='random seed (default: 0)')
     d.add_argument('--cpu', action='store_true', help='train on the CPU even when a GPU is present')
+    add_monitor_parser(sub)
     return p
 
 # %% ../nbs/13_cli.ipynb #d9d9df90
@@ -147,6 +166,23 @@ def main(argv=None):
     "Entry point of the `fastai-saliency` console script"
     p = demo_parser()
     args = p.parse_args(argv)
+    if args.command == 'monitor': return run_monitor(args.capture, args.constraints, args.out, args.since)
     if args.command != 'demo': p.print_help(); return 2
     run_demo(args.out, epochs=args.epochs, size=args.size, n_per_class=args.n_per_class, seed=args.seed, cpu=args.cpu)
     return 0
+
+# %% ../nbs/13_cli.ipynb #184fd5ef
+MONITOR_VIOLATIONS = 1   # the exit status of `fastai-saliency monitor` when it finds violations (0: none, 2: bad input)
+
+def run_monitor(capture, constraints, out=None, since='last') -> int:
+    "`fastai-saliency monitor`: check `capture` against `constraints`, print the report and where it went; the exit status"
+    matplotlib.use('Agg')
+    capture = Path(capture)
+    out = Path(out) if out is not None else (capture if capture.is_dir() else capture.parent)/'monitoring'
+    try: rep = check_capture(capture, constraints, out, since)
+    except (OSError, ValueError) as e:
+        print(f"fastai-saliency monitor: error: {e}", file=sys.stderr)
+        return 2
+    print(rep)
+    print(f"report: {out/rep.files['report']}, plot: {out/rep.files['plot']}, history: {out/'history.jsonl'}")
+    return MONITOR_VIOLATIONS if rep.violations else 0

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_monitor.ipynb #2d296467
 from __future__ import annotations
-import os, re, json, math, errno, threading, warnings
+import os, re, json, math, errno, threading, warnings, inspect
 from dataclasses import dataclass, asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,14 +12,16 @@ import numpy as np
 import torch
 from torch import Tensor
 import matplotlib.pyplot as plt
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, patch
 from fastai.callback.core import Callback
-from .capture import CaptureWriter, read_capture
+from .capture import CaptureWriter, read_capture, read_capture_from
 from .snapshot import SnapshotCallback
 from .learn_io import in_validation
+from .store import Trial
 
 # %% auto #0
-__all__ = ['MonitorWarning', 'Violation', 'MonitorReport', 'PredictionMonitor', 'ClassImbalance']
+__all__ = ['MonitorWarning', 'Violation', 'MonitorReport', 'PredictionMonitor', 'Constraints', 'read_history', 'plot_report',
+           'check_capture', 'ClassImbalance']
 
 # %% ../nbs/10_monitor.ipynb #c1ec3e8a
 class MonitorWarning(UserWarning):
@@ -52,6 +54,23 @@ def _warn_violations(source:str, vs:list, total:int, unit:str, note:str=''):
     "One `MonitorWarning` listing every violation in `vs`"
     warnings.warn(f"{source}: {len(vs)} violation{'s' if len(vs) > 1 else ''} over {total} {unit}{note}:\n"
                   + "\n".join(f"  {v.message}" for v in vs), MonitorWarning, stacklevel=3)
+
+# %% ../nbs/10_monitor.ipynb #d1f7e63a
+def _rule_violations(counts:np.ndarray, # Predictions per class in the window
+                     n_low:int, # Predictions whose top probability is under `min_confidence`
+                     threshold:float, min_confidence:float, max_low_confidence:float, topk:int, vocab=None) -> list:
+    "Violations of Model Monitor's fixed rules: classes predicted in more than `threshold` of the window ('overpredicted'), too many 'low_confidence' predictions"
+    total,C,vs = int(counts.sum()),len(counts),[]
+    shares = counts/max(total, 1)
+    for c in np.argsort(-shares, kind='stable'):
+        if not total or shares[c] <= threshold: break
+        vs.append(Violation('overpredicted', int(c), float(shares[c]), f"{_cls_name(c, vocab)} predicted "
+                            f"{shares[c]:.1%} of the time, above the {_pct(threshold)} threshold"))
+    low = n_low/total if total else 0.
+    if low > max_low_confidence:
+        vs.append(Violation('low_confidence', None, low, f"{low:.1%} of predictions have their top {min(topk, C)} "
+                            f"probabilities all under {_pct(min_confidence)}, above the {_pct(max_low_confidence)} limit"))
+    return vs
 
 # %% ../nbs/10_monitor.ipynb #a4ae7d0a
 class MonitorReport:
@@ -193,6 +212,7 @@ class PredictionMonitor(Callback):
                  tol:float=1e-3, # Rows of probabilities must sum to 1 within this
                  reset_each_pass:bool=True, # As a callback: count each validation pass or `get_preds` call afresh
                  fsync:bool=False, # fsync capture files after each update (survives a power cut, not only a crash)
+                 constraints=None, # Limits from a baseline, checked in each report: a `Constraints` or its JSON file (see `from_learner`)
                 ):
         for k,v,lo,hi in (('threshold', threshold, 0, 1), ('min_confidence', min_confidence, 0, 1),
                           ('max_low_confidence', max_low_confidence, 0, 1), ('sample', sample, 0, 1)):
@@ -203,6 +223,7 @@ class PredictionMonitor(Callback):
         if max_files is not None and (not isinstance(max_files, int) or max_files < 1):
             raise ValueError(f"max_files must be an int >= 1 or None, got {max_files!r}")
         store_attr('threshold,min_confidence,topk,max_low_confidence,vocab,from_logits,capture,sample,tol,reset_each_pass')
+        self.constraints = None if constraints is None else _as_constraints(constraints)
         self._files = None if capture is None else CaptureWriter(capture, max_bytes, max_files, fsync)
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
@@ -211,7 +232,7 @@ class PredictionMonitor(Callback):
 
     def reset(self):
         "Forget the counts (the capture and its ids go on)"
-        self._counts,self._n_cls,self._total,self._n_low = None,None,0,0
+        self._counts,self._n_cls,self._total,self._n_low,self._confs = None,None,0,0,[]
 
     @property
     def _vocab(self): return self.vocab if self.vocab is not None else self._dls_vocab
@@ -231,12 +252,15 @@ class PredictionMonitor(Callback):
                 if self.vocab is not None and len(self.vocab) != C:
                     raise ValueError(f"vocab has {len(self.vocab)} names but probs have {C} columns (classes)")
                 if self._dls_vocab is not None and len(self._dls_vocab) != C: self._dls_vocab = None
+                if self.constraints is not None and self.constraints.n_classes != C:
+                    raise ValueError(f"probs have {C} columns (classes) but the constraints were made for {self.constraints.n_classes}")
                 self._n_cls,self._counts = C,np.zeros(C, np.int64)
             elif C != self._n_cls: raise ValueError(f"probs have {C} columns (classes) but earlier updates had {self._n_cls}")
             top,pred = p.max(1)
             self._counts += np.bincount(pred.numpy(), minlength=C)
             # all of the top-k probabilities under min_confidence <=> the top one is under it
             self._n_low += int((top < self.min_confidence).sum())
+            self._confs.append(top.numpy())                     # the window's confidences, for the constraints' quantiles
             self._total += N
             first,self._n_seen = self._n_seen,self._n_seen + N
             if self._files is not None and N: self._capture(p, ids, first)
@@ -258,23 +282,19 @@ class PredictionMonitor(Callback):
 
     def report(self, warn:bool=False, # Also warn (`MonitorWarning`) when a rule is violated
               ) -> MonitorReport:
-        "The counts so far and the violated rules: 'overpredicted' classes, too many 'low_confidence' predictions"
+        "The counts so far and the violated rules: 'overpredicted' classes, too many 'low_confidence' predictions, the `constraints`"
         with self._lock:
             counts = np.zeros(0, np.int64) if self._counts is None else self._counts.copy()
-            total,n_low,C = self._total,self._n_low,self._n_cls or 0
-        vocab,vs = self._vocab,[]
-        shares = counts/max(total, 1)
-        for c in np.argsort(-shares, kind='stable'):
-            if not total or shares[c] <= self.threshold: break
-            vs.append(Violation('overpredicted', int(c), float(shares[c]), f"{_cls_name(c, vocab)} predicted "
-                                f"{shares[c]:.1%} of the time, above the {_pct(self.threshold)} threshold"))
-        low = n_low/total if total else 0.
-        if low > self.max_low_confidence:
-            vs.append(Violation('low_confidence', None, low, f"{low:.1%} of predictions have their top {min(self.topk, C)} "
-                                f"probabilities all under {_pct(self.min_confidence)}, "
-                                f"above the {_pct(self.max_low_confidence)} limit"))
+            total,n_low = self._total,self._n_low
+            confs = np.concatenate(self._confs) if self._confs else np.zeros(0, np.float32)
+        vocab = self._vocab
+        vs = _rule_violations(counts, n_low, self.threshold, self.min_confidence, self.max_low_confidence, self.topk, vocab)
+        extra = dict(low_confidence=n_low/total if total else 0.)
+        if self.constraints is not None:
+            cvs,stats = self.constraints.check(counts, confs, vocab)
+            vs,extra = vs + cvs,{**extra, **stats}
         rep = MonitorReport('PredictionMonitor', {i: int(n) for i,n in enumerate(counts)}, total, vs, vocab,
-                            threshold=self.threshold, low_confidence=low)
+                            threshold=self.threshold, **extra)
         if warn and vs: _warn_violations('PredictionMonitor', vs, total, 'predictions')
         return rep
 
@@ -301,7 +321,327 @@ class PredictionMonitor(Callback):
     def after_validate(self): self.last_report = self.report(warn=True)
 
     def __getstate__(self): return {k:v for k,v in self.__dict__.items() if k != '_lock'}
-    def __setstate__(self, d): self.__dict__.update(d); self._lock = threading.Lock()
+    def __setstate__(self, d):
+        self.__dict__.update({'constraints': None, '_confs': [], **d}); self._lock = threading.Lock()
+
+# %% ../nbs/10_monitor.ipynb #1912fb1b
+def _qkey(q) -> str: return f"{float(q):g}"
+
+def _confidence_stats(confs, quantiles) -> dict:
+    "Mean and `quantiles` (keys as text, '0.1') of the top probabilities `confs`; None for an empty window"
+    confs = np.asarray(confs, np.float64)
+    if not len(confs): return dict(mean=None, quantiles={_qkey(q): None for q in quantiles})
+    return dict(mean=float(confs.mean()), quantiles={_qkey(q): float(np.quantile(confs, float(q))) for q in quantiles})
+
+# %% ../nbs/10_monitor.ipynb #96ea2c48
+def _num(d:dict, k:str, where:str, lo:float=0., hi:float=1., integer:bool=False):
+    "`d[k]`, a number in [lo, hi] (an int with `integer`), or a `ValueError` that names `where` and `k`"
+    if not isinstance(d, dict) or k not in d: raise ValueError(f"{where} lacks {k!r}")
+    v = d[k]
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not lo <= v <= hi:
+        raise ValueError(f"{where}: {k} must be {'an int' if integer else 'a number'} in [{lo:g}, {hi:g}], got {v!r}")
+    return int(v) if integer else float(v)
+
+def _nums(d:dict, k:str, where:str, n:int=None) -> list:
+    "`d[k]`, a list of numbers in [0, 1] (`n` of them if given)"
+    v = d.get(k) if isinstance(d, dict) else None
+    if not isinstance(v, list) or (n is not None and len(v) != n):
+        raise ValueError(f"{where}: {k} must be a list of {n if n is not None else 'per-class'} numbers, got {v!r:.80}")
+    return [_num({k: x}, k, where) for x in v]
+
+def _quantiles(d:dict, k:str, where:str) -> dict:
+    "`d[k]`, a dict quantile (text in (0, 1)) -> number in [0, 1]"
+    v = d.get(k) if isinstance(d, dict) else None
+    if not isinstance(v, dict): raise ValueError(f"{where}: {k} must be a dict quantile -> value, got {v!r:.80}")
+    res = {}
+    for q,x in v.items():
+        try: qf = float(q)
+        except ValueError: qf = -1.
+        if not 0 < qf < 1: raise ValueError(f"{where}: {k} has quantile {q!r}; quantiles are numbers in (0, 1) such as '0.1'")
+        res[_qkey(qf)] = _num({k: x}, k, where)
+    return res
+
+# %% ../nbs/10_monitor.ipynb #a07bc4b3
+_CONSTRAINTS_FORMAT = 'fastai_saliency.constraints'
+
+def _rule_defaults() -> dict:
+    "The fixed rules' defaults: those of `PredictionMonitor`"
+    ps = inspect.signature(PredictionMonitor.__init__).parameters
+    return {k: ps[k].default for k in ('threshold', 'min_confidence', 'max_low_confidence', 'topk')}
+
+# %% ../nbs/10_monitor.ipynb #8df3785d
+class Constraints:
+    "Limits for a window of predictions from a baseline: a share per class, floors for the confidence's mean and quantiles, and the fixed rules"
+    def __init__(self, baseline:dict, # The baseline's statistics: `n`, `class_shares` (one per class), `confidence` (`mean`, `quantiles`)
+                 limits:dict, # `max_class_share` (one per class), `min_confidence_mean`, `min_confidence_quantiles` (quantile -> floor), `min_predictions`
+                 rules:dict=None, # `threshold`, `min_confidence`, `max_low_confidence`, `topk` as in `PredictionMonitor` (default: its defaults)
+                 vocab=None, # Class names
+                 margins:dict=None, # The margins the limits were derived with, kept for the record
+                 where:str='constraints', # What to call them in errors (a file name)
+                ):
+        shares = _nums(baseline, 'class_shares', f"{where}: baseline")
+        C = len(shares)
+        if C < 2: raise ValueError(f"{where}: baseline class_shares must have at least 2 classes, got {C}")
+        conf = baseline.get('confidence')
+        self.baseline = dict(n=_num(baseline, 'n', f"{where}: baseline", 1, math.inf, True), class_shares=shares,
+                             confidence=dict(mean=_num(conf, 'mean', f"{where}: baseline confidence"),
+                                             quantiles=_quantiles(conf, 'quantiles', f"{where}: baseline confidence")))
+        self.limits = dict(max_class_share=_nums(limits, 'max_class_share', f"{where}: limits", C),
+                           min_confidence_mean=_num(limits, 'min_confidence_mean', f"{where}: limits"),
+                           min_confidence_quantiles=_quantiles(limits, 'min_confidence_quantiles', f"{where}: limits"),
+                           min_predictions=_num(limits, 'min_predictions', f"{where}: limits", 1, math.inf, True))
+        rules = {**_rule_defaults(), **(rules or {})}
+        if unknown := set(rules) - set(_rule_defaults()):
+            raise ValueError(f"{where}: unknown rules {sorted(unknown)}; the rules are {list(_rule_defaults())}")
+        self.rules = {k: _num(rules, k, f"{where}: rules", *((1, math.inf, True) if k == 'topk' else ())) for k in rules}
+        if vocab is not None:
+            vocab = [str(v) for v in vocab]
+            if len(vocab) != C: raise ValueError(f"{where}: vocab has {len(vocab)} names for {C} classes")
+        self.vocab,self.margins,self.n_classes = vocab,dict(margins or {}),C
+
+    @classmethod
+    def from_probs(cls, probs, # Baseline predictions (N, C): probabilities, or raw outputs with `from_logits`
+                   vocab=None, # Class names
+                   share_margin:float=0.1, # A class may take up to this share of a window above its baseline share
+                   confidence_margin:float=0.1, # The confidence's mean and quantiles may fall this far under the baseline's
+                   quantiles=(0.1, 0.25, 0.5), # Quantiles of the confidence (top probability) to hold
+                   min_predictions:int=100, # Judge a window against the baseline only from this many predictions
+                   from_logits:bool=False, # `probs` are raw outputs: softmax them
+                   **rules, # The fixed rules (`threshold`, `min_confidence`, `max_low_confidence`, `topk`)
+                  ):
+        "Constraints from baseline predictions: each class's share and the confidence's mean and quantiles, with margins"
+        for k,v in dict(share_margin=share_margin, confidence_margin=confidence_margin).items(): _num({k: v}, k, 'from_probs')
+        p = _as_probs(probs, from_logits)
+        if not len(p): raise ValueError("probs is empty: the baseline needs predictions")
+        top,pred = p.max(1)
+        r6 = lambda v: round(float(v), 6)                          # a file a person can read and edit
+        shares = [r6(s) for s in np.bincount(pred.numpy(), minlength=p.shape[1])/len(p)]
+        st = _confidence_stats(top.numpy(), quantiles)
+        st = dict(mean=r6(st['mean']), quantiles={q: r6(v) for q,v in st['quantiles'].items()})
+        floor = lambda v: r6(max(0., v - confidence_margin))
+        limits = dict(max_class_share=[r6(min(1., s + share_margin)) for s in shares], min_confidence_mean=floor(st['mean']),
+                      min_confidence_quantiles={q: floor(v) for q,v in st['quantiles'].items()}, min_predictions=min_predictions)
+        return cls(dict(n=len(p), class_shares=shares, confidence=st), limits, rules, vocab,
+                   dict(share=share_margin, confidence=confidence_margin), where='from_probs')
+
+    def check(self, counts, # Predictions per class in the window
+              confs, # The top probability of each prediction in the window
+              vocab=None, # Class names for the messages (default: the constraints')
+             ) -> tuple:
+        "The window's violations of the limits ('class_share', 'confidence_mean', 'confidence_quantile') and its statistics"
+        counts,confs = np.asarray(counts, np.int64).reshape(-1),np.asarray(confs, np.float64).reshape(-1)
+        total,lim,base = int(counts.sum()),self.limits,self.baseline
+        if total and len(counts) != self.n_classes:
+            raise ValueError(f"the predictions have {len(counts)} classes but the constraints were made for {self.n_classes}")
+        if len(confs) != total: raise ValueError(f"{len(confs)} confidences for {total} predictions: give one per prediction")
+        vocab = self.vocab if vocab is None else vocab
+        conf = _confidence_stats(confs, lim['min_confidence_quantiles'])
+        stats = dict(evaluated=total >= lim['min_predictions'], confidence=conf, baseline_confidence=base['confidence'],
+                     confidence_limits=dict(mean=lim['min_confidence_mean'], quantiles=lim['min_confidence_quantiles']),
+                     baseline_shares=base['class_shares'], max_class_share=lim['max_class_share'])
+        if not stats['evaluated']:
+            return [],dict(stats, note=f"baseline constraints not evaluated: {total} of min_predictions={lim['min_predictions']} predictions")
+        vs,shares = [],counts/total
+        for c in np.argsort(-shares, kind='stable'):
+            if shares[c] > lim['max_class_share'][c]:
+                vs.append(Violation('class_share', int(c), float(shares[c]), f"{_cls_name(c, vocab)} predicted {counts[c]} times "
+                                    f"in {total} ({shares[c]:.1%}), above its limit {lim['max_class_share'][c]:.1%} "
+                                    f"(baseline {base['class_shares'][c]:.1%})"))
+        bq = base['confidence']['quantiles']
+        if conf['mean'] < lim['min_confidence_mean']:
+            vs.append(Violation('confidence_mean', None, conf['mean'], f"mean confidence {conf['mean']:.3f}, under its limit "
+                                f"{lim['min_confidence_mean']:.3f} (baseline {base['confidence']['mean']:.3f})"))
+        for q,floor in lim['min_confidence_quantiles'].items():
+            v = conf['quantiles'][q]
+            if v < floor:
+                b = f" (baseline {bq[q]:.3f})" if q in bq else ""
+                vs.append(Violation('confidence_quantile', None, v, f"the {_pct(float(q))} quantile of the confidence is {v:.3f}, "
+                                    f"under its limit {floor:.3f}{b}"))
+        return vs,stats
+
+    def to_dict(self) -> dict:
+        "The constraints as JSON values (what `save` writes), a copy"
+        return json.loads(json.dumps(dict(format=_CONSTRAINTS_FORMAT, version=1, n_classes=self.n_classes, vocab=self.vocab,
+                                          baseline=self.baseline, margins=self.margins, limits=self.limits, rules=self.rules)))
+
+    def save(self, fname) -> Path:
+        "Write the constraints to the JSON file `fname`, atomically (a reader never sees half a file)"
+        fname = Path(fname); fname.parent.mkdir(parents=True, exist_ok=True)
+        tmp = fname.with_name(f".{fname.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + '\n'); os.replace(tmp, fname)
+        return fname
+
+    @classmethod
+    def load(cls, fname):
+        "Constraints from a JSON file that `save` wrote (or a person edited); errors name the file and what is wrong in it"
+        fname = Path(fname)
+        if not fname.is_file():
+            raise FileNotFoundError(f"no constraints file {str(fname)!r}: write one with "
+                                    "PredictionMonitor.from_learner(learn).constraints.save(fname)")
+        try: d = json.loads(fname.read_text())
+        except ValueError as e: raise ValueError(f"{str(fname)!r} is not JSON ({e}); Constraints.save writes constraints files") from None
+        if not isinstance(d, dict) or d.get('format') != _CONSTRAINTS_FORMAT:
+            raise ValueError(f"{str(fname)!r} is not a constraints file: it lacks \"format\": \"{_CONSTRAINTS_FORMAT}\"")
+        if d.get('version') != 1: raise ValueError(f"{str(fname)!r} has version {d.get('version')!r}; this fastai_saliency reads version 1")
+        c = cls(d.get('baseline'), d.get('limits'), d.get('rules'), d.get('vocab'), d.get('margins'), where=repr(str(fname)))
+        if d.get('n_classes', c.n_classes) != c.n_classes:
+            raise ValueError(f"{str(fname)!r} says n_classes={d['n_classes']} but its baseline has {c.n_classes} class shares")
+        return c
+
+    def __repr__(self):
+        l,b = self.limits,self.baseline
+        qs = ', '.join(f"{_pct(float(q))} >= {v:.3f}" for q,v in l['min_confidence_quantiles'].items())
+        return (f"Constraints for {self.n_classes} classes from {b['n']} baseline predictions: class shares <= "
+                f"{', '.join(f'{s:.1%}' for s in l['max_class_share'][:6])}{', ...' if self.n_classes > 6 else ''}; "
+                f"confidence mean >= {l['min_confidence_mean']:.3f}, quantiles {qs}; judged from {l['min_predictions']} predictions")
+
+# %% ../nbs/10_monitor.ipynb #fec1db07
+def _as_constraints(c) -> Constraints:
+    "`c` if it is `Constraints`, else the constraints loaded from the JSON file `c`"
+    if isinstance(c, Constraints): return c
+    if isinstance(c, (str, Path)): return Constraints.load(c)
+    raise TypeError(f"constraints must be a Constraints or the path of its JSON file, not {type(c).__name__}")
+
+# %% ../nbs/10_monitor.ipynb #e548ff66
+@patch(cls_method=True)
+def from_learner(cls:PredictionMonitor, learn, # A trained Learner
+                 dl=None, # The baseline data (a DataLoader); default: the validation set
+                 share_margin:float=0.1, # A class may take up to this share of a window above its baseline share
+                 confidence_margin:float=0.1, # The confidence's mean and quantiles may fall this far under the baseline's
+                 quantiles=(0.1, 0.25, 0.5), # Quantiles of the confidence (top probability) to hold
+                 min_predictions:int=100, # Judge a window against the baseline only from this many predictions
+                 **kwargs, # Passed to `PredictionMonitor`: the fixed rules, `capture`, ...
+                ):
+    "A monitor whose `constraints` come from `learn`'s predictions on `dl` (the validation set): Model Monitor's baseline step"
+    probs,_ = learn.get_preds(dl=learn.dls.valid if dl is None else dl)
+    from_logits = False if callable(getattr(learn.loss_func, 'activation', None)) else kwargs.get('from_logits', False)
+    vocab = kwargs.pop('vocab', None)
+    if vocab is None: vocab = getattr(learn.dls, 'vocab', None)
+    rules = {k: kwargs[k] for k in _rule_defaults() if k in kwargs}
+    c = Constraints.from_probs(probs, vocab, share_margin, confidence_margin, quantiles, min_predictions, from_logits, **rules)
+    return cls(constraints=c, vocab=vocab, **kwargs)
+
+# %% ../nbs/10_monitor.ipynb #6e2129b8
+@patch(cls_method=True)
+def from_constraints(cls:PredictionMonitor, constraints, # A `Constraints` or its JSON file
+                     **kwargs, # Passed to `PredictionMonitor`, over the constraints' rules and vocab
+                    ):
+    "A monitor with `constraints`, its fixed rules and class names those of the constraints"
+    c = _as_constraints(constraints)
+    return cls(**{**c.rules, 'vocab': c.vocab, 'constraints': c, **kwargs})
+
+# %% ../nbs/10_monitor.ipynb #975de843
+def _parse_time(s, what:str) -> datetime:
+    "An ISO time (UTC when it says no zone) as an aware datetime"
+    if isinstance(s, datetime): t = s
+    else:
+        try: t = datetime.fromisoformat(str(s).replace('Z', '+00:00'))
+        except ValueError: raise ValueError(f"{what} must be an ISO time such as 2024-05-01T13:00:00+00:00, got {s!r}") from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+# %% ../nbs/10_monitor.ipynb #75ee7aae
+def read_history(out, # The `out` folder of `check_capture` (or its `history.jsonl`)
+                ) -> list:
+    "The checks recorded in a history, oldest first (a partial last line, a check being written, is skipped)"
+    f = Path(out)
+    if f.is_dir() or not f.suffix: f = f/'history.jsonl'
+    if not f.is_file(): return []
+    data = f.read_bytes()
+    return [json.loads(l) for l in data[:data.rfind(b'\n')+1].split(b'\n') if l.strip()]
+
+# %% ../nbs/10_monitor.ipynb #e390c90d
+def _window(recs:list, n_classes:int, vocab, where:str) -> tuple:
+    "Predicted class and top probability of each capture record, checked against the constraints' classes"
+    cls,conf = np.zeros(len(recs), np.int64),np.zeros(len(recs), np.float64)
+    for i,r in enumerate(recs):
+        try: c,p = r['topk'][0],r['probs'][0]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"record {i} of {where} has no 'topk' and 'probs' ({str(r):.80}): not a PredictionMonitor capture") from None
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < n_classes:
+            raise ValueError(f"record {i} of {where} predicts class {c!r} but the constraints have {n_classes} classes "
+                             f"(0..{n_classes-1}): are they another model's?")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ValueError(f"record {i} of {where} has top probability {p!r}, not a number in [0, 1]")
+        if vocab is not None and r.get('names') and r['names'][0] != vocab[c]:
+            raise ValueError(f"record {i} of {where} calls class {c} {r['names'][0]!r} but the constraints call it "
+                             f"{vocab[c]!r}: are they another model's?")
+        cls[i],conf[i] = c,p
+    return cls,conf
+
+# %% ../nbs/10_monitor.ipynb #68705539
+def plot_report(rep:MonitorReport, figsize=(11, 3.2)):
+    "A report as a figure: class counts (flagged classes red) with the baseline's limits, and the confidence against its floors"
+    conf = rep.extra.get('confidence')
+    has_conf = isinstance(conf, dict) and conf.get('mean') is not None
+    fig,axs = plt.subplots(1, 2 if has_conf else 1, figsize=figsize, squeeze=False,
+                           gridspec_kw=dict(width_ratios=[3, 1] if has_conf else [1]))
+    ax = rep.plot(ax=axs[0, 0])
+    lim,base = rep.extra.get('max_class_share'),rep.extra.get('baseline_shares')
+    if lim is not None and rep.total:
+        xs = np.arange(len(lim))
+        ax.hlines(np.array(lim)*rep.total, xs - .4, xs + .4, colors='tab:orange', lw=2, label='limit (baseline + margin)')
+        ax.plot(xs, np.array(base)*rep.total, 'k_', ms=14, label='baseline')
+        ax.legend(fontsize=8)
+    if has_conf:
+        ax2,fl,bc = axs[0, 1],rep.extra['confidence_limits'],rep.extra['baseline_confidence']
+        names = ['mean'] + [f"q{_pct(float(q))}" for q in conf['quantiles']]
+        vals = [conf['mean']] + list(conf['quantiles'].values())
+        floors = [fl['mean']] + [fl['quantiles'][q] for q in conf['quantiles']]
+        basev = [bc['mean']] + [bc['quantiles'].get(q, np.nan) for q in conf['quantiles']]
+        xs = np.arange(len(vals))
+        ax2.bar(xs, vals, color=['tab:red' if v < f else 'tab:blue' for v,f in zip(vals, floors)])
+        ax2.hlines(floors, xs - .4, xs + .4, colors='tab:orange', lw=2, label='floor')
+        ax2.plot(xs, basev, 'k_', ms=14, label='baseline')
+        ax2.set_xticks(xs, names); ax2.set_ylim(0, 1.05); ax2.set_title('confidence'); ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/10_monitor.ipynb #d0e78942
+def _write_check(rep:MonitorReport, out:Path, capture:Path) -> dict:
+    "Write `rep` as `check-<time>.json` and `.png` to `out` and append its figures to `out/history.jsonl`; the file names"
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(timezone.utc)
+    stem = name = f"check-{now:%Y%m%dT%H%M%S}Z"
+    i = 1
+    while (out/f'{name}.json').exists(): i += 1; name = f'{stem}-{i}'
+    files = dict(report=f'{name}.json', plot=f'{name}.png')
+    (out/files['report']).write_text(json.dumps(dict(rep.to_dict(), checked=now.isoformat(timespec='seconds')), indent=1) + '\n')
+    fig = plot_report(rep); fig.savefig(out/files['plot'], dpi=80, bbox_inches='tight'); plt.close(fig)
+    x = rep.extra
+    line = dict(checked=now.isoformat(timespec='seconds'), capture=str(capture), n=rep.total, ok=rep.ok, evaluated=x['evaluated'],
+                violations=[dict(kind=v.kind, cls=v.cls, value=round(v.value, 6)) for v in rep.violations],
+                counts=[rep.counts[c] for c in sorted(rep.counts)], confidence=x['confidence'], window=x['window'], **files)
+    with open(out/'history.jsonl', 'ab') as f: f.write((json.dumps(line) + '\n').encode())
+    return files
+
+# %% ../nbs/10_monitor.ipynb #285cdfee
+def check_capture(capture, # A capture folder (or one capture file) that `PredictionMonitor(capture=...)` wrote
+                  constraints, # A `Constraints`, or its JSON file
+                  out=None, # A folder for `check-<time>.json`, `check-<time>.png` and `history.jsonl`; None: write nothing
+                  since='last', # 'last': the records after the last check recorded in `out` (all at the first); 'all'; or an ISO time
+                 ) -> MonitorReport:
+    "Check the predictions captured under `capture` against `constraints`, every rule, as Model Monitor's scheduled job does"
+    c,capture = _as_constraints(constraints),Path(capture).absolute()
+    out = None if out is None else Path(out)
+    cursor,t0 = None,None
+    if since == 'last':
+        past = [h for h in read_history(out) if h.get('capture') == str(capture)] if out is not None else []
+        cursor = past[-1]['window']['cursor'] if past else None
+    elif since not in ('all', None): t0 = _parse_time(since, 'since')
+    recs,end = read_capture_from(capture, cursor)
+    if t0 is not None: recs = [r for r in recs if _parse_time(r.get('time'), 'a capture record\'s time') >= t0]
+    classes,confs = _window(recs, c.n_classes, c.vocab, repr(str(capture)))
+    counts,r = np.bincount(classes, minlength=c.n_classes),c.rules
+    n_low = int((confs < r['min_confidence']).sum())
+    vs = _rule_violations(counts, n_low, r['threshold'], r['min_confidence'], r['max_low_confidence'], r['topk'], c.vocab)
+    cvs,stats = c.check(counts, confs)
+    window = dict(since=since if t0 is None else t0.isoformat(), first=recs[0].get('time') if recs else None,
+                  last=recs[-1].get('time') if recs else None, cursor=end)
+    rep = MonitorReport('check_capture', {i: int(n) for i,n in enumerate(counts)}, len(recs), vs + cvs, c.vocab,
+                        threshold=r['threshold'], low_confidence=n_low/len(recs) if recs else 0., capture=str(capture),
+                        window=window, **stats)
+    if out is not None: rep.files = rep.extra['files'] = _write_check(rep, out, capture)
+    return rep
 
 # %% ../nbs/10_monitor.ipynb #dbb085f3
 def _grow(a:np.ndarray, n:int) -> np.ndarray: return a if len(a) >= n else np.concatenate([a, np.zeros(n - len(a), a.dtype)])
@@ -438,3 +778,29 @@ class ClassImbalance(Callback):
                                          violations=[v.to_dict() for v in rep.violations]))
         snap.write(tensors, meta)
 
+
+# %% ../nbs/10_monitor.ipynb #9096e33f
+@patch
+def check_trial(self:ClassImbalance, trial, # A `Trial`, or a snapshot folder
+                mode:str='valid', # The steps to read: 'train' or 'valid'
+                steps=None, # Those steps only; None: every step of `mode` that holds both tensors
+                preds:str='logits', # The name of the stored predictions
+                targs:str='target', # The name of the stored labels
+                per_step:bool=False, # Also return the report after each step (counts cumulated): `{step: MonitorReport}`
+               ):
+    "Run the rules over the labels and predictions a `SnapshotCallback` stored in `trial`: the report (and the report per step)"
+    trial = trial if isinstance(trial, Trial) else Trial(trial)
+    tp,tt = trial.tensor(preds),trial.tensor(targs)
+    both = sorted(set(tp.steps(mode)) & set(tt.steps(mode)))
+    if steps is None: steps = both
+    elif missing := sorted(set(steps) - set(both)):
+        raise ValueError(f"{mode} steps {missing} of {str(trial.path)!r} do not hold both {preds!r} and {targs!r}; those that do: {both}")
+    if not steps: raise ValueError(f"no {mode} step of {str(trial.path)!r} holds both {preds!r} and {targs!r}: save them with "
+                                   f"SnapshotCallback(include=[..., 'logits', 'target'])")
+    self.reset()
+    reports = {}
+    for s in steps:
+        self.update(tp.value(s, mode), tt.value(s, mode))
+        if per_step: reports[s] = self.report()
+    self.last_report = self.report()
+    return (self.last_report, reports) if per_step else self.last_report
