@@ -327,6 +327,31 @@ def test_class_imbalance_outside_a_fit_and_without_labels():
     with learn.no_bar(): learn.get_preds(dl=dl, cbs=ci)
     assert ci.last_report.total == 0
 
+def test_class_imbalance_over_a_trial(tmp_path):
+    "The rules over the labels and predictions a SnapshotCallback stored equal the callback's, for training and validation steps"
+    dls = tiny_dls(valid_labels=[0]*30 + [1]*2, bs=8)
+    snap = SnapshotCallback(tmp_path, every=1, include=['logits', 'target'], fsync=False)
+    learn = tiny_learn(dls, cbs=[snap])
+    ci = ClassImbalance(min_labels=0, store=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', MonitorWarning)
+        with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-3, cbs=ci)
+    t = Trial(snap.run_path)
+    rep = ClassImbalance(min_labels=0).check_trial(t, mode='valid')
+    assert rep.total == 64 and rep.counts == ci.last_report.counts and rep.pred_counts == ci.last_report.pred_counts
+    assert [(v.kind, v.cls, v.value) for v in rep.violations] == [(v.kind, v.cls, v.value) for v in ci.last_report.violations]
+    # training steps: every batch of both epochs (96 items, 12 batches of 8 per epoch), labels as the data gave them
+    ys = torch.stack([y for _,y in dls.train_ds])
+    rep,by_step = ClassImbalance(min_labels=0, threshold_imbalance=100).check_trial(str(tmp_path), mode='train', per_step=True)
+    assert rep.total == 2*96 and sum(rep.counts.values()) == 192 and sorted(by_step) == t.steps('train') and len(by_step) == 24
+    assert [rep.counts[c] for c in range(4)] == (2*torch.bincount(ys, minlength=4)).tolist()
+    assert [r.total for r in by_step.values()] == list(range(8, 193, 8))   # cumulated step by step
+    part = ClassImbalance(min_labels=0).check_trial(t, mode='train', steps=[0, 1])
+    assert part.total == 16
+    with pytest.raises(ValueError, match=r"train steps \[999\] .* do not hold both"):
+        ClassImbalance().check_trial(t, mode='train', steps=[999])
+    with pytest.raises(ValueError, match="no tensor 'label'"): ClassImbalance().check_trial(t, targs='label')
+
 def test_callbacks_pickle_with_a_learner(tmp_path):
     mon = PredictionMonitor(capture=tmp_path/'cap'); mon.update(origin_probs()[:3])
     mon2 = pickle.loads(pickle.dumps(mon)); mon2.update(origin_probs()[3:5])
