@@ -566,8 +566,13 @@ def read_history(out, # The `out` folder of `check_capture` (or its `history.jso
     f = Path(out)
     if f.is_dir() or not f.suffix: f = f/'history.jsonl'
     if not f.is_file(): return []
-    data = f.read_bytes()
-    return [json.loads(l) for l in data[:data.rfind(b'\n')+1].split(b'\n') if l.strip()]
+    data,res = f.read_bytes(),[]
+    for i,l in enumerate(data[:data.rfind(b'\n')+1].split(b'\n')[:-1]):
+        try: h = json.loads(l) if l.strip() else None
+        except ValueError: h = 'bad'
+        if not isinstance(h, (dict, type(None))): raise ValueError(f"line {i+1} of {str(f)!r} is not a check's JSON line ({l[:60]!r})")
+        if h is not None: res.append(h)
+    return res
 
 # %% ../nbs/10_monitor.ipynb #e390c90d
 def _window(recs:list, n_classes:int, vocab, where:str) -> tuple:
@@ -646,7 +651,7 @@ def check_capture(capture, # A capture folder (or one capture file) that `Predic
     cursor,t0 = None,None
     if since == 'last':
         past = [h for h in read_history(out) if h.get('capture') == str(capture)] if out is not None else []
-        cursor = past[-1]['window']['cursor'] if past else None
+        cursor = past[-1].get('window', {}).get('cursor') if past else None
     elif since not in ('all', None): t0 = _parse_time(since, 'since')
     recs,end = read_capture_from(capture, cursor)
     if t0 is not None: recs = [r for r in recs if _parse_time(r.get('time'), 'a capture record\'s time') >= t0]
