@@ -295,7 +295,7 @@ def test_class_imbalance_min_labels_gates_warning_in_fit():
 
 def test_class_imbalance_writes_into_the_snapshot_store(tmp_path):
     dls = tiny_dls(valid_labels=[0]*30 + [1]*2, bs=8)               # 4 validation batches per epoch
-    snap = SnapshotCallback(tmp_path, every=0, include='logits', fsync=False)
+    snap = SnapshotCallback(tmp_path, every=0, valid_every=1, include='logits', fsync=False)
     learn = tiny_learn(dls, cbs=[snap])
     ci = ClassImbalance(min_labels=0)
     with warnings.catch_warnings():
