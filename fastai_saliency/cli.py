@@ -17,7 +17,8 @@ from .evaluate import pointing_curve, plot_pointing_curve, box_area_share, valid
 import fastai_saliency.learner   # Learner.show_layer_heatmaps
 
 # %% auto #0
-__all__ = ['demo_parser', 'save_samples', 'save_training_stats', 'write_report', 'run_demo', 'main']
+__all__ = ['demo_parser', 'save_samples', 'save_training_stats', 'write_report', 'run_demo', 'main', 'add_watch_command',
+           'run_watch']
 
 # %% ../nbs/13_cli.ipynb #c9becaca
 def _positive_int(lo=1, hi=None):
@@ -43,6 +44,7 @@ def demo_parser() -> argparse.ArgumentParser:
     d.add_argument('--n-per-class', type=_positive_int(5, 5000), default=200, help='images per class (default: 200)')
     d.add_argument('--seed', type=int, default=0, help='random seed (default: 0)')
     d.add_argument('--cpu', action='store_true', help='train on the CPU even when a GPU is present')
+    add_watch_command(sub)
     return p
 
 # %% ../nbs/13_cli.ipynb #d9d9df90
@@ -147,6 +149,40 @@ def main(argv=None):
     "Entry point of the `fastai-saliency` console script"
     p = demo_parser()
     args = p.parse_args(argv)
+    if args.command == 'watch': return run_watch(args)
     if args.command != 'demo': p.print_help(); return 2
     run_demo(args.out, epochs=args.epochs, size=args.size, n_per_class=args.n_per_class, seed=args.seed, cpu=args.cpu)
     return 0
+
+# %% ../nbs/13_cli.ipynb #ce7450c1
+import sys
+from .replay import watch, RunStalled
+
+# %% ../nbs/13_cli.ipynb #3f08dd34
+def add_watch_command(sub):
+    "Add `watch` to the subcommands `sub` of `fastai-saliency`"
+    w = sub.add_parser('watch', help='follow a snapshot run while it is written: a GIF frame per explained step',
+                       description="Follow the snapshot run RUN while another process writes it: draw the maps of each explained "
+                                   "validation step into a GIF as it lands, until the run's end marker. Exit status 1 when no "
+                                   "step lands within --timeout seconds and the run has no end marker (its writer died).")
+    w.add_argument('run', type=Path, metavar='RUN', help="a run folder, or a folder of runs (the newest is followed)")
+    w.add_argument('--out', type=Path, default=Path('evolution.gif'), help='the GIF to write (default: evolution.gif)')
+    w.add_argument('--method', choices=('fullgrad', 'gradcam'), default='fullgrad', help='the maps (default: fullgrad)')
+    w.add_argument('--layer', default=None, help="Grad-CAM's layer: a saved layer's name or a regex (default: the model's "
+                                                 "default Grad-CAM layer, saved by SnapshotCallback(include=None))")
+    w.add_argument('--n', type=_positive_int(1, 64), default=8, help='how many images of the batch to show (default: 8)')
+    w.add_argument('--timeout', type=float, default=60., help='seconds without a new step before giving up (default: 60)')
+    w.add_argument('--poll', type=float, default=0.2, help='seconds between looks at the run (default: 0.2)')
+    w.add_argument('--fps', type=float, default=2., help='frames per second of the GIF (default: 2)')
+    return w
+
+# %% ../nbs/13_cli.ipynb #800d043e
+def run_watch(args) -> int:
+    "Run `fastai-saliency watch` with parsed `args`; the exit status"
+    log = lambda s: print(s, flush=True)             # each line as it happens, also into a pipe
+    try: res = watch(args.run, args.out, method=args.method, layer=args.layer, n=args.n, timeout=args.timeout,
+                     poll=args.poll, fps=args.fps, log=log)
+    except RunStalled as e: print(f"fastai-saliency watch: stopped: {e}", file=sys.stderr, flush=True); return 1
+    except (ValueError, FileNotFoundError) as e: print(f"fastai-saliency watch: {e}", file=sys.stderr, flush=True); return 1
+    except KeyboardInterrupt: print("fastai-saliency watch: interrupted", file=sys.stderr, flush=True); return 130
+    return 0 if res['frames'] else 1

@@ -19,6 +19,7 @@ __all__ = ['MODES', 'list_runs', 'SnapshotWriter', 'TensorUnavailable', 'TensorU
 # %% ../nbs/01_store.ipynb #835fb261
 MODES = ('train', 'valid', 'predict')
 _RUN_FILE,_INDEX_FILE,_END_FILE = 'run.json','index.jsonl','end.json'
+_REPLAY = ('fullgrad', 'gradcam', 'maps', 'animate', 'save_gif', 'explained_steps', 'activation_stats', 'plot_layer_stats', 'color_dim')   # see 09_replay
 
 # %% ../nbs/01_store.ipynb #b47aebf0
 def _check_mode(mode):
@@ -360,11 +361,11 @@ class Trial:
     def _modes_of(self, name): return [m for m in MODES if self._tensor_steps(name, m)]
 
     def step_info(self, step:int, mode:str='train') -> dict:
-        "Epoch, iteration, names, shapes, dtypes, files and metadata of `step` of `mode` (its parts merged)"
+        "Epoch, iteration, when it landed (`time`), names, shapes, dtypes, files and metadata of `step` of `mode` (its parts merged)"
         self.refresh()
         recs = self._step_recs(step, mode)
         res = dict(mode=mode, step=step, epoch=recs[0]['epoch'], iteration=recs[0]['iteration'],
-                   names=[], shapes=[], dtypes=[], files=[], meta={})
+                   time=max(r.get('time', 0.) for r in recs), names=[], shapes=[], dtypes=[], files=[], meta={})
         for r in recs:
             for k in ('names', 'shapes', 'dtypes'): res[k] += r[k]
             if r['file']: res['files'].append(r['file'])
@@ -411,6 +412,10 @@ class Trial:
                 raise TimeoutError(f"waited {timeout} s for {mode} steps {_abbrev(missing)} in {str(self.path)!r}; "
                                    f"it has {_abbrev(sorted(have))}")
             time.sleep(poll)
+
+    def __getattr__(self, k):
+        if k in _REPLAY: raise AttributeError(f"Trial.{k} comes with fastai_saliency.replay: import it, or fastai_saliency.all")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {k!r}")
 
     def __repr__(self):
         self.refresh()
