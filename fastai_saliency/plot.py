@@ -14,8 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 # %% auto #0
-__all__ = ['norm_stats', 'to_image', 'blend', 'show_overlay', 'show_maps', 'FrameDrawer', 'animate', 'save_gif', 'write_gif',
-           'to_html', 'show_frames', 'plot_layer_stats', 'color_dim']
+__all__ = ['norm_stats', 'to_image', 'blend', 'show_overlay', 'show_maps', 'FrameDrawer', 'animate', 'save_gif', 'gif_frame',
+           'write_gif', 'to_html', 'show_frames', 'plot_layer_stats', 'color_dim']
 
 # %% ../nbs/05_plot.ipynb #fcd2fb28
 def _np(x) -> np.ndarray:
@@ -183,12 +183,16 @@ def save_gif(anim:animation.FuncAnimation, fname, fps:float=2, dpi=None) -> Path
     return fname
 
 # %% ../nbs/05_plot.ipynb #b6cdf16f
-def write_gif(frames, # (H,W,3) uint8 arrays, e.g. from `FrameDrawer.rgb`
+def gif_frame(rgb) -> Image.Image:
+    "An (H,W,3) uint8 array as a GIF frame: a palette image, quantized once (fast octree), so writing a GIF again is cheap"
+    return Image.fromarray(np.asarray(rgb, dtype=np.uint8)).quantize(256, method=Image.Quantize.FASTOCTREE)
+
+def write_gif(frames, # (H,W,3) uint8 arrays (e.g. from `FrameDrawer.rgb`) or `gif_frame`s
               fname, fps:float=2) -> Path:
     "Write `frames` to the GIF `fname` through a temporary name: a reader (a browser, an image viewer) never sees half a file"
     fname = Path(fname)
     fname.parent.mkdir(parents=True, exist_ok=True)
-    ims,tmp = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames],fname.with_name(f'.{fname.name}.tmp')
+    ims,tmp = [f if isinstance(f, Image.Image) else gif_frame(f) for f in frames],fname.with_name(f'.{fname.name}.tmp')
     ims[0].save(tmp, format='GIF', save_all=True, append_images=ims[1:], duration=int(1000/fps), loop=0)
     os.replace(tmp, fname)
     return fname

@@ -264,7 +264,7 @@ def watch(path, # A run folder, or a folder of runs (the newest is followed)
                                       ncols=min(len(idx), 4), size=size)
             maps,titles,ft = _frame(trial, step, mode, method, layer, idx, **kwargs)
             fd.draw(maps, titles, ft)
-            frames.append(fd.rgb(dpi))
+            frames.append(plot.gif_frame(fd.rgb(dpi)))   # drawn and quantized once: writing the GIF again is cheap
             plot.write_gif(frames, out, fps)
             info = trial.step_info(step, mode)
             lat.append(time.time() - info['time'])
