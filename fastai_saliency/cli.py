@@ -171,7 +171,8 @@ def add_watch_command(sub):
     w.add_argument('--layer', default=None, help="Grad-CAM's layer: a saved layer's name or a regex (default: the model's "
                                                  "default Grad-CAM layer, saved by SnapshotCallback(include=None))")
     w.add_argument('--n', type=_positive_int(1, 64), default=8, help='how many images of the batch to show (default: 8)')
-    w.add_argument('--timeout', type=float, default=60., help='seconds without a new step before giving up (default: 60)')
+    w.add_argument('--timeout', type=float, default=300., help='seconds without a new step before giving up where the writer '
+                   'runs on another machine; on this one its end is seen at once (default: 300)')
     w.add_argument('--poll', type=float, default=0.2, help='seconds between looks at the run (default: 0.2)')
     w.add_argument('--fps', type=float, default=2., help='frames per second of the GIF (default: 2)')
     return w
