@@ -170,6 +170,8 @@ def add_watch_command(sub):
     w.add_argument('--method', choices=('fullgrad', 'gradcam'), default='fullgrad', help='the maps (default: fullgrad)')
     w.add_argument('--layer', default=None, help="Grad-CAM's layer: a saved layer's name or a regex (default: the model's "
                                                  "default Grad-CAM layer, saved by SnapshotCallback(include=None))")
+    w.add_argument('--localising', action='store_true', help="FullGrad's localising variant, as FullGradCallback draws it: no "
+                   "input term, the terms of layers of stride <= 4 (the reference at small image sizes points at bright colours)")
     w.add_argument('--n', type=_positive_int(1, 64), default=8, help='how many images of the batch to show (default: 8)')
     w.add_argument('--timeout', type=float, default=300., help='seconds without a new step before giving up where the writer '
                    'runs on another machine; on this one its end is seen at once (default: 300)')
@@ -181,8 +183,11 @@ def add_watch_command(sub):
 def run_watch(args) -> int:
     "Run `fastai-saliency watch` with parsed `args`; the exit status"
     log = lambda s: print(s, flush=True)             # each line as it happens, also into a pipe
+    if args.localising and args.method != 'fullgrad':
+        print("fastai-saliency watch: --localising is for --method fullgrad", file=sys.stderr); return 2
+    kw = dict(input_term=False, max_stride=4) if args.localising else {}
     try: res = watch(args.run, args.out, method=args.method, layer=args.layer, n=args.n, timeout=args.timeout,
-                     poll=args.poll, fps=args.fps, log=log)
+                     poll=args.poll, fps=args.fps, log=log, **kw)
     except RunStalled as e: print(f"fastai-saliency watch: stopped: {e}", file=sys.stderr, flush=True); return 1
     except (ValueError, FileNotFoundError) as e: print(f"fastai-saliency watch: {e}", file=sys.stderr, flush=True); return 1
     except KeyboardInterrupt: print("fastai-saliency watch: interrupted", file=sys.stderr, flush=True); return 130

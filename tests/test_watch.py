@@ -34,7 +34,7 @@ def n_frames(gif):
 
 def test_watch_follows_the_writer_to_its_end_marker(tmp_path, capsys):
     proc = start_writer(tmp_path, 4)
-    try: rc = main(['watch', str(tmp_path/'runs'), '--out', str(tmp_path/'evo.gif'), '--n', '4', '--poll', '0.05'])
+    try: rc = main(['watch', str(tmp_path/'runs'), '--out', str(tmp_path/'evo.gif'), '--n', '4', '--poll', '0.05', '--localising'])
     finally: proc.wait(timeout=120)
     assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
     out = capsys.readouterr().out.splitlines()
