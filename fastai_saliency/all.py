@@ -10,6 +10,7 @@ from .plot import *
 from .snapshot import *
 from .saliency import *
 from .learner import *
+from .replay import *
 from .capture import *
 from .monitor import *
 from .evaluate import *

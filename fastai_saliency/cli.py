@@ -20,7 +20,7 @@ from .monitor import check_capture
 
 # %% auto #0
 __all__ = ['MONITOR_VIOLATIONS', 'add_monitor_parser', 'demo_parser', 'save_samples', 'save_training_stats', 'write_report',
-           'run_demo', 'main', 'run_monitor']
+           'run_demo', 'main', 'add_watch_command', 'run_watch', 'run_monitor']
 
 # %% ../nbs/13_cli.ipynb #c9becaca
 def _positive_int(lo=1, hi=None):
@@ -62,6 +62,7 @@ def demo_parser() -> argparse.ArgumentParser:
     d.add_argument('--seed', type=int, default=0, help='random seed (default: 0)')
     d.add_argument('--cpu', action='store_true', help='train on the CPU even when a GPU is present')
     add_monitor_parser(sub)
+    add_watch_command(sub)
     return p
 
 # %% ../nbs/13_cli.ipynb #d9d9df90
@@ -167,9 +168,49 @@ def main(argv=None):
     p = demo_parser()
     args = p.parse_args(argv)
     if args.command == 'monitor': return run_monitor(args.capture, args.constraints, args.out, args.since)
+    if args.command == 'watch': return run_watch(args)
     if args.command != 'demo': p.print_help(); return 2
     run_demo(args.out, epochs=args.epochs, size=args.size, n_per_class=args.n_per_class, seed=args.seed, cpu=args.cpu)
     return 0
+
+# %% ../nbs/13_cli.ipynb #ce7450c1
+import sys
+from .replay import watch, RunStalled
+
+# %% ../nbs/13_cli.ipynb #3f08dd34
+def add_watch_command(sub):
+    "Add `watch` to the subcommands `sub` of `fastai-saliency`"
+    w = sub.add_parser('watch', help='follow a snapshot run while it is written: a GIF frame per explained step',
+                       description="Follow the snapshot run RUN while another process writes it: draw the maps of each explained "
+                                   "validation step into a GIF as it lands, until the run's end marker. Exit status 1 when no "
+                                   "step lands within --timeout seconds and the run has no end marker (its writer died).")
+    w.add_argument('run', type=Path, metavar='RUN', help="a run folder, or a folder of runs (the newest is followed)")
+    w.add_argument('--out', type=Path, default=Path('evolution.gif'), help='the GIF to write (default: evolution.gif)')
+    w.add_argument('--method', choices=('fullgrad', 'gradcam'), default='fullgrad', help='the maps (default: fullgrad)')
+    w.add_argument('--layer', default=None, help="Grad-CAM's layer: a saved layer's name or a regex (default: the model's "
+                                                 "default Grad-CAM layer, saved by SnapshotCallback(include=None))")
+    w.add_argument('--localising', action='store_true', help="FullGrad's localising variant, as FullGradCallback draws it: no "
+                   "input term, the terms of layers of stride <= 4 (the reference at small image sizes points at bright colours)")
+    w.add_argument('--n', type=_positive_int(1, 64), default=8, help='how many images of the batch to show (default: 8)')
+    w.add_argument('--timeout', type=float, default=300., help='seconds without a new step before giving up where the writer '
+                   'runs on another machine; on this one its end is seen at once (default: 300)')
+    w.add_argument('--poll', type=float, default=0.2, help='seconds between looks at the run (default: 0.2)')
+    w.add_argument('--fps', type=float, default=2., help='frames per second of the GIF (default: 2)')
+    return w
+
+# %% ../nbs/13_cli.ipynb #800d043e
+def run_watch(args) -> int:
+    "Run `fastai-saliency watch` with parsed `args`; the exit status"
+    log = lambda s: print(s, flush=True)             # each line as it happens, also into a pipe
+    if args.localising and args.method != 'fullgrad':
+        print("fastai-saliency watch: --localising is for --method fullgrad", file=sys.stderr); return 2
+    kw = dict(input_term=False, max_stride=4) if args.localising else {}
+    try: res = watch(args.run, args.out, method=args.method, layer=args.layer, n=args.n, timeout=args.timeout,
+                     poll=args.poll, fps=args.fps, log=log, **kw)
+    except RunStalled as e: print(f"fastai-saliency watch: stopped: {e}", file=sys.stderr, flush=True); return 1
+    except (ValueError, FileNotFoundError) as e: print(f"fastai-saliency watch: {e}", file=sys.stderr, flush=True); return 1
+    except KeyboardInterrupt: print("fastai-saliency watch: interrupted", file=sys.stderr, flush=True); return 130
+    return 0 if res['frames'] else 1
 
 # %% ../nbs/13_cli.ipynb #184fd5ef
 MONITOR_VIOLATIONS = 1   # the exit status of `fastai-saliency monitor` when it finds violations (0: none, 2: bad input)

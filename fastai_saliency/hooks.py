@@ -10,8 +10,8 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['module_names', 'find_layer', 'find_layers', 'grad_node', 'HookSet', 'Capture', 'n_hooks', 'graph_leaf',
-           'GraphOutputs', 'eval_mode', 'model_device']
+__all__ = ['module_names', 'name_matches', 'select_name', 'find_layer', 'find_layers', 'grad_node', 'HookSet', 'Capture',
+           'n_hooks', 'graph_leaf', 'GraphOutputs', 'eval_mode', 'model_device']
 
 # %% ../nbs/00_hooks.ipynb #537c57e9
 def module_names(model:nn.Module) -> list:
@@ -29,9 +29,31 @@ def _layer_error(model, what):
     msg += f" Top-level children: {top}. Names are dotted paths from `model.named_modules()`, e.g. {names[-1]!r}."
     return ValueError(msg)
 
+# %% ../nbs/00_hooks.ipynb #dd1a7b0f
+def name_matches(pattern:str, # A regex
+                 name:str, # A dotted module name or a tensor name
+                ) -> bool:
+    "The package's one regex rule, as smdebug's `include_regex`: `pattern` found anywhere in `name` (`re.search`)"
+    return re.search(pattern, name) is not None
+
+# %% ../nbs/00_hooks.ipynb #57bdfecd
+def select_name(pattern, # A name, or a regex (`name_matches`)
+                names, # The names to choose from (dotted module names)
+                what:str='layer', # What is chosen, for the error
+               ) -> str|None:
+    "The one of `names` `pattern` means: itself, else the one it is found in (or the one holding all those); None if none"
+    names = list(names)
+    if pattern in names: return pattern
+    try: hits = [n for n in names if n and name_matches(pattern, n)]
+    except re.error: hits = []
+    top = [h for h in hits if all(o == h or o.startswith(h + '.') for o in hits)]   # one hit holding all the others
+    if len(top) == 1: return top[0]
+    if hits: raise ValueError(f"{what} {pattern!r} matches {len(hits)} names ({hits[:6]}{'...' if len(hits) > 6 else ''}): give one name")
+    return None
+
 # %% ../nbs/00_hooks.ipynb #e3b7878b
 def find_layer(model:nn.Module, layer) -> tuple:
-    "`(name, module)` for `layer`: a dotted name (`'0.7.1.bn2'`), a module of `model`, or a regex matching one name"
+    "`(name, module)` for `layer`: a dotted name (`'0.7.1.bn2'`), a module of `model`, or a regex (`name_matches`) found in one name, or in one module and its children"
     if isinstance(layer, nn.Module):
         for n,m in model.named_modules():
             if m is layer: return n,m
@@ -39,19 +61,16 @@ def find_layer(model:nn.Module, layer) -> tuple:
     if isinstance(layer, int): layer = str(layer)
     if not isinstance(layer, str): raise TypeError(f"layer must be a name, a module or a regex, not {type(layer).__name__}")
     mods = dict(model.named_modules())
-    if layer in mods: return layer, mods[layer]
-    try: hits = [n for n in mods if re.fullmatch(layer, n)]
-    except re.error: hits = []
-    if len(hits) == 1: return hits[0], mods[hits[0]]
-    if len(hits) > 1: raise ValueError(f"layer {layer!r} matches {len(hits)} modules ({hits[:6]}...): give one name")
-    raise _layer_error(model, layer)
+    n = select_name(layer, mods)
+    if n is None: raise _layer_error(model, layer)
+    return n, mods[n]
 
 # %% ../nbs/00_hooks.ipynb #f8be9742
 def _as_list(x): return [] if x is None else list(x) if isinstance(x, (list, tuple, set)) else [x]
 
 # %% ../nbs/00_hooks.ipynb #47ab90f5
-def find_layers(model:nn.Module, include=None, # Names, modules or regexes (full match); None: every module of `types`
-                exclude=None, # Names or regexes to drop
+def find_layers(model:nn.Module, include=None, # Names, modules or regexes (searched, `name_matches`); None: every module of `types`
+                exclude=None, # Names, modules or regexes (searched) to drop
                 types=None, # Keep only modules of these types
                ) -> list:
     "`(name, module)` pairs of `model` selected by `include`/`exclude`/`types`, in model order"
@@ -62,14 +81,15 @@ def find_layers(model:nn.Module, include=None, # Names, modules or regexes (full
     for inc in _as_list(include):
         if isinstance(inc, (str, int)) and str(inc) not in dict(mods):
             pat = re.compile(str(inc))
-            hits = {n:m for n,m in mods if pat.fullmatch(n) and (types is None or isinstance(m, types))}
+            hits = {n:m for n,m in mods if pat.search(n) and (types is None or isinstance(m, types))}
             if not hits: raise _layer_error(model, inc)
             chosen.update(hits)
         else:
             n,m = find_layer(model, inc); chosen[n] = m
     for exc in _as_list(exclude):
+        if isinstance(exc, str) and exc in chosen: chosen.pop(exc); continue     # an exact name: that module alone
         pat = re.compile(exc) if isinstance(exc, str) else None
-        chosen = {n:m for n,m in chosen.items() if not (pat.fullmatch(n) if pat else m is exc)}
+        chosen = {n:m for n,m in chosen.items() if not (pat.search(n) if pat else m is exc)}
     order = {n:i for i,(n,_) in enumerate(mods)}
     return [(n, chosen[n]) for n in sorted(chosen, key=order.get) if types is None or isinstance(chosen[n], types)]
 

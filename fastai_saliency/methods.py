@@ -14,10 +14,11 @@ from .hooks import HookSet, Capture, GraphOutputs, graph_leaf, grad_node, find_l
 
 # %% auto #0
 __all__ = ['describe_output', 'select_output', 'model_logits', 'resolve_target', 'backprop', 'scale_maps', 'last_conv_block',
-           'timm_root', 'attention_blocks', 'default_layer', 'layer_name', 'FeatureLayout', 'feature_layout',
-           'to_feature_map', 'layer_maps', 'gradcam', 'depth_layers', 'gradcam_layers', 'activation_maps', 'cam_terms',
-           'ApproximateCAMWarning', 'cam', 'layer_bias', 'point_bias', 'clamp_levels', 'fullgrad_sites', 'bias_layers',
-           'fullgrad_terms', 'FullGradGapWarning', 'fullgrad']
+           'timm_root', 'attention_blocks', 'default_layer', 'layer_name', 'FeatureLayout', 'reshape_layout',
+           'feature_layout', 'to_feature_map', 'gradcam_map', 'layer_maps', 'gradcam', 'depth_layers', 'gradcam_layers',
+           'activation_maps', 'cam_terms', 'ApproximateCAMWarning', 'cam', 'layer_bias', 'point_bias', 'clamp_levels',
+           'fullgrad_sites', 'bias_layers', 'point_term', 'clamp_code', 'grad_times_input', 'fullgrad_terms',
+           'FullGradGapWarning', 'FullGradMap', 'fullgrad', 'explained_backward']
 
 # %% ../nbs/04_methods.ipynb #672e306e
 def _f32(t:Tensor) -> Tensor:
@@ -361,15 +362,30 @@ def _suggest(model) -> str:
 _REMEDY = ("pass `reshape=`: 'nchw' or 'nhwc' for a 4-d output, a grid (h, w) for tokens (the last h*w tokens are the grid, "
            "those before it are dropped as prefix tokens), or a callable `o -> (B,C,h,w)`")
 
+# %% ../nbs/04_methods.ipynb #096d9ba4
+def reshape_layout(reshape, # A callable `o -> (B,C,h,w)`, 'nchw' or 'nhwc' (4-d outputs), or a token grid (h,w) (outputs (B,N,C))
+                   shape, # The shape of the output
+                   where:str='the layer', # What gave the output, for messages
+                  ) -> FeatureLayout:
+    "The layout `reshape=` asks for, checked against the output's `shape`: no model needed (maps from the snapshot store use it too)"
+    if callable(reshape): return FeatureLayout('fn', fn=reshape, why='reshape=')
+    shape = tuple(shape)
+    if isinstance(reshape, str):
+        f = reshape.upper()
+        if f not in _FMTS or len(shape) != 4:
+            raise ValueError(f"reshape={reshape!r}: a string is 'nchw' or 'nhwc', for a 4-d output; {where} gives {shape}")
+        return FeatureLayout(f, why='reshape=')
+    if isinstance(reshape, (tuple, list)) and len(reshape) == 2 and len(shape) == 3:
+        h,w = reshape
+        if not 0 < h*w <= shape[1]: raise ValueError(f"reshape={tuple(reshape)} asks for {h*w} grid tokens; {where} gives {shape}")
+        return FeatureLayout('NLC', shape[1] - h*w, (h, w), why='reshape=')
+    raise ValueError(f"reshape={reshape!r}: a grid (h, w) is for tokens (B,N,C); {where} gives {shape}: "
+                     "pass 'nchw', 'nhwc' or a callable")
+
 # %% ../nbs/04_methods.ipynb #fb390aa8
-def _tokens_layout(model, name, mod, shape, size, reshape) -> FeatureLayout:
+def _tokens_layout(model, name, mod, shape, size) -> FeatureLayout:
     "The layout of tokens (B,N,C): prefix tokens and grid (see the rules above)"
     B,N,C = shape
-    if isinstance(reshape, (tuple, list)):
-        h,w = reshape
-        if not 0 < h*w <= N:
-            raise ValueError(f"reshape={tuple(reshape)} asks for {h*w} grid tokens; {_where(name, mod)} gives {tuple(shape)}")
-        return FeatureLayout('NLC', N - h*w, (h, w), why='reshape=')
     p,known = _prefix_tokens(model, name),_model_grid(model, name)
     def grid(n):
         if known is not None and known[0]*known[1] == n: return known, 'patch grid of the model'
@@ -417,23 +433,15 @@ def feature_layout(model:nn.Module, layer, # A name, module or regex of `model`
     "How to turn the output of `layer` (of shape `shape`) into a (B,C,h,w) map (the rules: above)"
     name,mod = find_layer(model, layer)
     shape,size = tuple(shape),tuple(input_size)
-    if callable(reshape): return FeatureLayout('fn', fn=reshape, why='reshape=')
+    if callable(reshape): return reshape_layout(reshape, shape)
     if batch_size is not None and (not shape or shape[0] != batch_size):
         raise ValueError(f"{_where(name, mod)} gives {shape}: its first dimension is not the batch ({batch_size} images), "
                          "e.g. attention windows (B*windows, N, C); use the block that holds it")
     if len(shape) == 2:
         raise ValueError(f"{what} needs a layer with a (B,C,h,w) output; {_where(name, mod)} gives {shape}: pooled features "
                          f"(B, C) with no spatial grid; use a layer before the pooling{_suggest(model)}")
-    if isinstance(reshape, str):
-        f = reshape.upper()
-        if f not in _FMTS or len(shape) != 4:
-            raise ValueError(f"reshape={reshape!r}: a string is 'nchw' or 'nhwc', for a 4-d output; {_where(name, mod)} "
-                             f"gives {shape}")
-        return FeatureLayout(f, why='reshape=')
-    if len(shape) == 3: return _tokens_layout(model, name, mod, shape, size, reshape)
-    if reshape is not None:
-        raise ValueError(f"reshape={reshape!r}: a grid (h, w) is for tokens (B,N,C); {_where(name, mod)} gives {shape}: "
-                         "pass 'nchw', 'nhwc' or a callable")
+    if reshape is not None: return reshape_layout(reshape, shape, _where(name, mod))
+    if len(shape) == 3: return _tokens_layout(model, name, mod, shape, size)
     if len(shape) == 4: return _map_layout(model, name, mod, shape, size)
     raise ValueError(f"{what} needs a layer with a (B,C,h,w) output; {_where(name, mod)} gives {shape}: not a map (B,C,h,w), "
                      "a channels-last map (B,h,w,C) or tokens (B,N,C); pass `reshape=` a callable `o -> (B,C,h,w)`")
@@ -448,8 +456,13 @@ def to_feature_map(o:Tensor, # A layer's output
     return feature_layout(model, layer, o.shape, input_size, reshape, batch_size=o.shape[0])(o)
 
 # %% ../nbs/04_methods.ipynb #31708d11
-def _gradcam_map(acts:Tensor, grads:Tensor, relu:bool=True) -> Tensor:
-    "Raw Grad-CAM (B,h,w) from a layer's output and the gradient with respect to it, in float32 or float64"
+def gradcam_map(acts:Tensor, # A layer's output
+                grads:Tensor, # The gradient of the target logits with respect to it
+                layout:FeatureLayout=None, # How to read both as (B,C,h,w) (see `feature_layout`); None: they are
+                relu:bool=True, # Keep only the positive part, as in the paper
+               ) -> Tensor:
+    "Raw Grad-CAM (B,h,w), in float32 or float64: channel weights from the mean gradient, times the output, summed"
+    if layout is not None: acts,grads = layout(acts),layout(grads)
     with _no_autocast(acts):
         acts,grads = _f32(acts.detach()),_f32(grads)
         m = (grads.mean((2, 3), keepdim=True) * acts).sum(1)
@@ -514,7 +527,7 @@ def _gradcam_raw(model, xb, pairs, target, relu, reshape=None, output=None) -> t
             raise ValueError(f"the logits depend on the output of {n!r} only through its {lay.prefix} prefix token(s) "
                              f"(class-token pooling after it), so its grid tokens get no gradient; use a layer before the "
                              f"last attention{_suggest(model)}")
-        raw[n] = _gradcam_map(lay(a), gm, relu)
+        raw[n] = gradcam_map(a, gr, lay, relu)
     return raw, r.x
 
 # %% ../nbs/04_methods.ipynb #0c74372e
@@ -861,6 +874,26 @@ def _bias_view(b:Tensor, trailing:bool, ndim:int) -> Tensor:
     "`b` shaped to broadcast over an `ndim`-d tensor: along its last `b.dim()` dims, or along dim 1"
     return b.view([1]*(ndim - b.dim()) + list(b.shape)) if trailing else b.view([1, -1] + [1]*(ndim - 2))
 
+# %% ../nbs/04_methods.ipynb #a09942d3
+def point_term(g:Tensor, # The gradient of the target logits at the point
+               bias:Tensor=None, # The constant added there ('out' and 'pre' points, see `point_bias`)
+               trailing:bool=False, # `bias` runs along the last dims (linear layers, channels-last norms), else along dim 1
+               clamp=None, # For a clamp: `(code, levels)`, code 1 where the output is at or below the low level, 2 at or above the high one; levels from `clamp_levels`
+              ) -> Tensor:
+    "FullGrad's term of one point: the gradient there times the constant added there, in float32 or float64"
+    g = _f32(g.detach())
+    if clamp is None: return g * _bias_view(_f32(bias), trailing, g.dim())
+    code,(lo,hi,c_lo,c_mid,c_hi) = clamp   # the constant: `c_mid` between the levels, `c_lo`/`c_hi` where saturated
+    parts = [(code == 1, c_lo - c_mid)] if c_lo != c_mid else []
+    if c_hi != c_mid: parts.append((code == 2, c_hi - c_mid))
+    return g * sum((mask.to(g.dtype) * d for mask,d in parts), g.new_full((), c_mid))
+
+# %% ../nbs/04_methods.ipynb #9e9388ac
+def clamp_code(o:Tensor, levels) -> Tensor:
+    "uint8 (the shape of `o`): 1 where a clamp's output `o` is at or below its low level, 2 at or above its high one, else 0"
+    lo,hi = levels[:2]
+    with torch.no_grad(): return (o <= lo).to(torch.uint8) + 2*(o >= hi).to(torch.uint8)
+
 # %% ../nbs/04_methods.ipynb #da7ee236
 class _Points(HookSet):
     "Hooks finding each call's bias point or clamp of `sites` in the forward pass, and the gradient there in the backward"
@@ -903,11 +936,8 @@ class _Points(HookSet):
         def hook(mod, args, o):
             if kind != 'clamp': return self._add(n, kind, o)
             if not isinstance(o, Tensor): return
-            lo,hi,c_lo,c_mid,c_hi = lv
-            with torch.no_grad():   # masks now, from the output: an in-place op downstream may overwrite it
-                parts = [(o <= lo, c_lo - c_mid)] if c_lo != c_mid else []
-                if c_hi != c_mid: parts.append((o >= hi, c_hi - c_mid))
-            return self._add(n, kind, o, sat=(c_mid, parts))
+            # where it saturates, now, from the output: an in-place op downstream may overwrite it
+            return self._add(n, kind, o, sat=(clamp_code(o, lv), lv))
         return hook
 
     def _fused(self, n, m):
@@ -929,13 +959,10 @@ class _Points(HookSet):
 
     def term(self, i, g:Tensor) -> Tensor:
         "The term of point `i`: the gradient `g` there times the constant added there"
-        c,g = self.calls[i],_f32(g.detach())
-        if c.kind != 'clamp':
-            b,tr = self.biases[c.name]
-            return g * _bias_view(b, tr, g.dim())
-        base,parts = c.sat   # the constant: `base` between the levels, `base + d` where a level's mask is set
-        k = sum((mask.to(g.dtype) * d for mask,d in parts), g.new_full((), base))
-        return g * k
+        c = self.calls[i]
+        if c.kind == 'clamp': return point_term(g, clamp=c.sat)
+        b,tr = self.biases[c.name]
+        return point_term(g, b, tr)
 
     def zeros(self, i) -> Tensor:
         c = self.calls[i]
@@ -950,10 +977,12 @@ def _gap(score:Tensor, sums:list) -> tuple:
     return resid,resid.abs() / ref.clamp_min(torch.finfo(ref.dtype).tiny)
 
 # %% ../nbs/04_methods.ipynb #68e01c4c
-def _input_term(r) -> Tensor:
-    "grad_x * x from `backprop`'s result, in float32 or float64 (zeros where the logits do not depend on the input)"
-    x = _f32(r.x)
-    return (_f32(r.input_grad) if r.input_grad is not None else torch.zeros_like(x)) * x
+def grad_times_input(x:Tensor, # The input (B,C,H,W)
+                     grad:Tensor|None, # The gradient of the target logits with respect to it (None: the logits ignore the input)
+                    ) -> Tensor:
+    "FullGrad's input term grad_x * x, in float32 or float64"
+    x = _f32(x)
+    return (_f32(grad) if grad is not None else torch.zeros_like(x)) * x
 
 # %% ../nbs/04_methods.ipynb #3f187ea1
 def fullgrad_terms(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
@@ -966,7 +995,7 @@ def fullgrad_terms(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised a
     pts = _Points(fullgrad_sites(model), lambda i,g: terms.__setitem__(i, pts.term(i, g)))
     r = backprop(model, xb, pts, target, input_grad=True, output=output)
     bias_terms = [terms[i] if i in terms else pts.zeros(i) for i in range(len(pts.calls))]   # zero: the logit ignores it
-    it = _input_term(r)
+    it = grad_times_input(r.x, r.input_grad)
     resid,gap = _gap(r.score, [it.flatten(1).sum(1)] + [t.flatten(1).sum(1) for t in bias_terms])
     return AttrDict(logits=_f32(r.logits), target=r.target, target_logit=_f32(r.score), input_term=it,
                     bias_terms=bias_terms, names=[c.name for c in pts.calls], kinds=[c.kind for c in pts.calls],
@@ -988,6 +1017,39 @@ def _minmax_channel_sum(t:Tensor) -> Tensor:
     lo,hi = _min_max(t)
     return _scaled(t.sum(1) - t.shape[1]*lo[:, None, None], lo, hi)
 
+# %% ../nbs/04_methods.ipynb #edd4684c
+class FullGradMap:
+    "FullGrad's map built term by term: each 4-d term's |.| min-max scaled and summed over channels at its own resolution"
+    def __init__(self, size, # The input's (H,W)
+                 max_stride:int|None=None): # Leave out terms coarser than input size / max_stride
+        self.size,self.max_stride,self.acc,self.sums = (size and tuple(size)),max_stride,{},[]   # acc: resolution -> sum of maps
+
+    def coarse(self, hw) -> bool:
+        return self.max_stride is not None and max(self.size[0]/hw[0], self.size[1]/hw[1]) > self.max_stride
+
+    def add(self, t:Tensor, # A point's term (B,...), see `point_term`
+            channels_last:bool=False, # A 4-d term laid out (B,h,w,C)
+           ):
+        "Add one term: its sum per image is kept (completeness); a map term is drawn unless too coarse"
+        with _no_autocast(t), torch.no_grad():
+            self.sums.append(t.flatten(1).sum(1))
+            if t.dim() != 4: return
+            if channels_last: t = t.permute(0, 3, 1, 2)
+            if self.coarse(t.shape[-2:]): return
+            s = _minmax_channel_sum(t.abs_())
+            key = tuple(s.shape[-2:])
+            self.acc[key] = self.acc[key] + s if key in self.acc else s
+
+    def map(self, it:Tensor, # The input term, see `grad_times_input`
+            input_term:bool=True, # Draw |it| (the reference does)
+            align_corners:bool=True) -> Tensor:
+        "(B,H,W) in [0,1]: |it| scaled and summed over channels, plus each resolution's sum resized once"
+        with _no_autocast(it), torch.no_grad():
+            m = _minmax_channel_sum(it.abs()) if input_term else it.new_zeros(it.shape[0], *self.size)
+            for s in self.acc.values():
+                m = m + F.interpolate(s[:, None], size=self.size, mode='bilinear', align_corners=align_corners)[:, 0]
+            return scale_maps(m)
+
 # %% ../nbs/04_methods.ipynb #7b0da25f
 def fullgrad(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
              target=None, # None (predicted class), an int, one int per image, or a callable on the logits
@@ -1000,23 +1062,14 @@ def fullgrad(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the 
     "FullGrad saliency maps (B,H,W) in [0,1] per image at input size, from one forward and one backward pass"
     _check_fullgrad(model)
     size = tuple(xb.shape[-2:]) if isinstance(xb, Tensor) else None   # else `backprop` says what is wrong with `xb`
-    acc,sums = {},[]   # resolution -> sum of the channel-summed, min-max scaled terms; each term's sum per image
-    coarse = lambda hw: max_stride is not None and max(size[0]/hw[0], size[1]/hw[1]) > max_stride
+    fm = FullGradMap(size, max_stride)
     def on_grad(i, g):
-        with _no_autocast(g), torch.no_grad():
-            t = pts.term(i, g)
-            sums.append(t.flatten(1).sum(1))
-            if t.dim() != 4: return
-            if pts.calls[i].channels_last: t = t.permute(0, 3, 1, 2)
-            if coarse(t.shape[-2:]): return
-            s = _minmax_channel_sum(t.abs_())
-            key = tuple(s.shape[-2:])
-            acc[key] = acc[key] + s if key in acc else s
+        with _no_autocast(g), torch.no_grad(): fm.add(pts.term(i, g), pts.calls[i].channels_last)
     pts = _Points(fullgrad_sites(model), on_grad)
     r = backprop(model, xb, pts, target, input_grad=True, output=output)
     with _no_autocast(r.x):
-        it = _input_term(r)
-        _,gap = _gap(r.score, [it.flatten(1).sum(1)] + sums)
+        it = grad_times_input(r.x, r.input_grad)
+        _,gap = _gap(r.score, [it.flatten(1).sum(1)] + fm.sums)
         tol,gap = _default_tol(r.logits.dtype) if gap_tol is None else gap_tol,gap.max().item()
         if gap > tol and model not in _gap_warned:
             _gap_warned.add(model)
@@ -1025,7 +1078,25 @@ def fullgrad(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the 
                           "It is exact only for piecewise-linear nets whose constants are all conv/linear/norm biases "
                           "or clamps (ReLU6, Hardtanh); see fullgrad_terms(...).residual. Shown once per model.",
                           FullGradGapWarning, stacklevel=2)
-        m = _minmax_channel_sum(it.abs_()) if input_term else r.x.new_zeros(r.x.shape[0], *size, dtype=it.dtype)
-        for s in acc.values():
-            m = m + F.interpolate(s[:, None], size=size, mode='bilinear', align_corners=align_corners)[:, 0]
-        return scale_maps(m)
+        return fm.map(it, input_term, align_corners)
+
+# %% ../nbs/04_methods.ipynb #1b0a06eb
+def explained_backward(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
+                       target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+                       hooks=None, # More `HookSet`s on during the forward pass, e.g. a `Capture` of layer outputs and gradients
+                       output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
+                      ) -> AttrDict:
+    "`backprop` with FullGrad's points hooked: the gradient at each point (`points`, in arrival `order`), `biases`, `input_grad`"
+    try: _check_fullgrad(model); sites,why = fullgrad_sites(model),None
+    except ValueError as e: sites,why = [],str(e)       # a transformer: Grad-CAM from the hooks only
+    grads,order = {},[]
+    def on_grad(i, g): grads[i] = g.detach().clone(); order.append(i)
+    pts = _Points(sites, on_grad)
+    r = backprop(model, xb, [pts] + listify(hooks), target, input_grad=True, output=output)
+    clamp = lambda c,k: c.sat[k] if c.kind == 'clamp' else None
+    r.points = [AttrDict(name=c.name, kind=c.kind, channels_last=c.channels_last, grad=grads.get(i), code=clamp(c, 0),
+                         levels=clamp(c, 1), trailing=None if c.kind == 'clamp' else pts.biases[c.name][1])
+                for i,c in enumerate(pts.calls)]
+    r.order,r.fullgrad_error = order,why
+    r.biases = {p.name: pts.biases[p.name][0] for p in r.points if p.kind != 'clamp'}
+    return r

@@ -4,14 +4,18 @@
 
 # %% ../nbs/05_plot.ipynb #159f25f8
 from __future__ import annotations
+import os
 from pathlib import Path
 import numpy as np
 import matplotlib
 import matplotlib.pyplot as plt
 from matplotlib import animation
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from PIL import Image
 
 # %% auto #0
-__all__ = ['norm_stats', 'to_image', 'blend', 'show_overlay', 'show_maps', 'animate', 'save_gif', 'to_html', 'show_frames']
+__all__ = ['norm_stats', 'to_image', 'blend', 'show_overlay', 'show_maps', 'FrameDrawer', 'animate', 'save_gif', 'gif_frame',
+           'write_gif', 'to_html', 'show_frames', 'plot_layer_stats', 'color_dim']
 
 # %% ../nbs/05_plot.ipynb #fcd2fb28
 def _np(x) -> np.ndarray:
@@ -109,6 +113,42 @@ def show_maps(images, # Images as `to_image` takes them (a batch tensor works)
     fig.tight_layout()
     return fig
 
+# %% ../nbs/05_plot.ipynb #f18785a5
+class FrameDrawer:
+    "One figure of overlays that `draw` redraws frame by frame (what `animate` shows); `rgb` renders the frame drawn last"
+    def __init__(self, images, # The N images, as `to_image` takes them
+                 stats=None, cmap='jet', alpha:float=0.5, ncols:int=2, show_image:bool=True, figsize=None, size:float=2.5):
+        self.ims,self.cmap,self.alpha,self.laid_out = [to_image(img, stats) for img in images],cmap,alpha,False
+        self.fig,self.pairs = _grid(len(self.ims), ncols, show_image, figsize, size)
+        self.arts = []
+        for im,(ax_img,ax_map) in zip(self.ims, self.pairs):
+            if ax_img is not None: ax_img.imshow(im)
+            self.arts.append(ax_map.imshow(np.zeros_like(im)))
+        self.sup = self.fig.suptitle('')
+
+    def draw(self, maps, # N maps (H,W) in [0,1]
+             titles=None, # N titles, one per item, or None
+             frame_title=None, # The figure's title, or None
+            ) -> list:
+        "Draw one frame; the first one also lays the figure out, leaving room for its titles"
+        if len(maps) != len(self.ims): raise ValueError(f"a frame has {len(maps)} maps for {len(self.ims)} images")
+        for i,art in enumerate(self.arts):
+            art.set_data(blend(self.ims[i], maps[i], self.cmap, self.alpha))
+            if titles is not None: self.pairs[i][1].set_title(titles[i])
+        if frame_title is not None: self.sup.set_text(frame_title)
+        if not self.laid_out:
+            self.fig.tight_layout(rect=None if frame_title is None else (0, 0, 1, 1 - 0.4/self.fig.get_figheight()))
+            self.laid_out = True
+        return self.arts
+
+    def rgb(self, dpi:int=80) -> np.ndarray:
+        "The frame drawn last as an (H,W,3) uint8 array"
+        self.fig.set_dpi(dpi)
+        canvas = FigureCanvasAgg(self.fig); canvas.draw()
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+    def close(self): plt.close(self.fig)
+
 # %% ../nbs/05_plot.ipynb #5586e296
 def animate(images, # The N images, as `to_image` takes them
             maps_frames, # T frames of N maps (H,W) in [0,1]: (T,N,H,W) or nested lists
@@ -126,23 +166,12 @@ def animate(images, # The N images, as `to_image` takes them
         if len(f) != len(images): raise ValueError(f"frame {t} has {len(f)} maps for {len(images)} images")
     for name,v in (('titles_frames', titles_frames), ('frame_titles', frame_titles)):
         if v is not None and len(v) != len(frames): raise ValueError(f"{name} has {len(v)} entries for {len(frames)} frames")
-    ims = [to_image(img, stats) for img in images]
-    fig,pairs = _grid(len(images), ncols, show_image, figsize, size)
-    arts = []
-    for i,(ax_img,ax_map) in enumerate(pairs):
-        if ax_img is not None: ax_img.imshow(ims[i])
-        arts.append(ax_map.imshow(blend(ims[i], frames[0][i], cmap, alpha)))
-    sup = fig.suptitle('')
-    def draw(t):
-        for i,art in enumerate(arts):
-            art.set_data(blend(ims[i], frames[t][i], cmap, alpha))
-            if titles_frames is not None: pairs[i][1].set_title(titles_frames[t][i])
-        if frame_titles is not None: sup.set_text(frame_titles[t])
-        return arts
+    fd = FrameDrawer(images, stats, cmap, alpha, ncols, show_image, figsize, size)
+    def draw(t): return fd.draw(frames[t], None if titles_frames is None else titles_frames[t],
+                                None if frame_titles is None else frame_titles[t])
     draw(0)                                  # the first frame's titles, so that the layout leaves room for them
-    fig.tight_layout(rect=None if frame_titles is None else (0, 0, 1, 1 - 0.4/fig.get_figheight()))
-    anim = animation.FuncAnimation(fig, draw, frames=len(frames), interval=interval, blit=False)
-    plt.close(fig)   # the animation owns the figure: no stray static plot in notebooks
+    anim = animation.FuncAnimation(fd.fig, draw, frames=len(frames), interval=interval, blit=False)
+    fd.close()   # the animation owns the figure: no stray static plot in notebooks
     return anim
 
 # %% ../nbs/05_plot.ipynb #fb457c45
@@ -151,6 +180,21 @@ def save_gif(anim:animation.FuncAnimation, fname, fps:float=2, dpi=None) -> Path
     fname = Path(fname)
     fname.parent.mkdir(parents=True, exist_ok=True)
     anim.save(fname, writer=animation.PillowWriter(fps=fps), dpi=dpi)
+    return fname
+
+# %% ../nbs/05_plot.ipynb #b6cdf16f
+def gif_frame(rgb) -> Image.Image:
+    "An (H,W,3) uint8 array as a GIF frame: a palette image, quantized once (fast octree), so writing a GIF again is cheap"
+    return Image.fromarray(np.asarray(rgb, dtype=np.uint8)).quantize(256, method=Image.Quantize.FASTOCTREE)
+
+def write_gif(frames, # (H,W,3) uint8 arrays (e.g. from `FrameDrawer.rgb`) or `gif_frame`s
+              fname, fps:float=2) -> Path:
+    "Write `frames` to the GIF `fname` through a temporary name: a reader (a browser, an image viewer) never sees half a file"
+    fname = Path(fname)
+    fname.parent.mkdir(parents=True, exist_ok=True)
+    ims,tmp = [f if isinstance(f, Image.Image) else gif_frame(f) for f in frames],fname.with_name(f'.{fname.name}.tmp')
+    ims[0].save(tmp, format='GIF', save_all=True, append_images=ims[1:], duration=int(1000/fps), loop=0)
+    os.replace(tmp, fname)
     return fname
 
 # %% ../nbs/05_plot.ipynb #87718be2
@@ -181,3 +225,24 @@ def show_frames(images, # The N images, as `to_image` takes them
             if titles is not None: ax.set_title(titles[f][r], fontsize=8)
     if suptitle is not None: fig.suptitle(suptitle)
     return fig
+
+# %% ../nbs/05_plot.ipynb #a6e9f112
+def plot_layer_stats(steps, # The steps (x axis)
+                     stats:dict, # 'mean', 'std', 'near_zero': one value per step
+                     title=None, figsize=(12, 3)):
+    "fastai's `ActivationStats.plot_layer_stats`: mean, std and share near zero of a layer's output along the steps"
+    fig,axs = plt.subplots(1, 3, figsize=figsize)
+    for ax,k,t in zip(axs, ('mean', 'std', 'near_zero'), ('mean', 'std', '% near zero')):
+        ax.plot(list(steps), list(stats[k])); ax.set_title(t); ax.set_xlabel('step')
+    if title is not None: fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/05_plot.ipynb #7f129250
+def color_dim(hist, # (bins, steps): log1p of each step's histogram, as fastai's `ActivationStats.hist` gives it
+              ax=None, figsize=(10, 5), title=None):
+    "fastai's 'colorful dimension' plot: one column per step, the histogram of the output from bottom (0) to top"
+    if ax is None: _,ax = plt.subplots(figsize=figsize)
+    ax.imshow(_np(hist), origin='lower'); ax.axis('off')
+    if title is not None: ax.set_title(title)
+    return ax

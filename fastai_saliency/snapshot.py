@@ -9,7 +9,8 @@ from fastai.basics import *
 from fastai.callback.hook import HookCallback
 from .hooks import find_layers, Capture
 from .store import SnapshotWriter, Trial
-from .learn_io import in_main_fit, unwrap_model
+from .learn_io import in_main_fit, unwrap_model, dls_norm
+from . import methods
 
 # %% auto #0
 __all__ = ['SnapshotCallback']
@@ -29,37 +30,55 @@ def _copy_to_cpu(t:Tensor, dtype=None) -> Tensor:
         return torch.empty(t.shape, dtype=dt, pin_memory=True).copy_(t, non_blocking=True)
     return t.to('cpu', dtype=dt, copy=True, memory_format=torch.contiguous_format)
 
+# %% ../nbs/06_snapshot.ipynb #ec2b4eaa
+def _nbytes(ts:dict) -> int: return sum(t.numel()*t.element_size() for t in ts.values())
+
+def _fmt_bytes(n:float) -> str:
+    "`n` bytes as '512 B', '3.4 MB', '1.2 GB' (powers of 1000)"
+    for u in ('B', 'kB', 'MB', 'GB', 'TB'):
+        if n < 1000 or u == 'TB': return f"{n:.0f} {u}" if u == 'B' else f"{n:.1f} {u}"
+        n /= 1000
+
 # %% ../nbs/06_snapshot.ipynb #634689e9
 class SnapshotCallback(HookCallback):
-    "Save activations, output gradients and BatchNorm statistics every `every` training batches to a new run under `path`"
+    "Save activations, gradients and BatchNorm statistics every `every` training batches, and explained validation batches, to a new run under `path`"
     order,run_valid = 90,True       # late: the batch is final when hooks go on; fastai's backward is done by after_backward
     _cap = _top = _snap = run_path = None
+    _explaining = stopped = False
     _stateattrs = ('writer', '_buf', '_cap', '_top')   # not pickled by `learn.export()`: state of a fit that raised
     def _init_state(self): self._state,self.writer,self._buf,self._cap,self._top = {},None,{},None,None
     def __init__(self, path, # Folder of runs: each fit writes a new `path/run-NNN` (see `SnapshotWriter`)
                  every:int=100, # Save training batches 0, every, 2*every, ... (counted over the fit); 0 or None: none
-                 valid_every:int=1, # Save every `valid_every`-th validation batch (counted over the fit); 0 or None: none
-                 include=None, # Layers (see `find_layers`) and/or 'input', 'logits', 'target'; None: those + conv and BN layers
+                 valid_every:int=None, # None: the first batch of each validation pass; N: every N-th validation batch (counted over the fit); 0: none
+                 include=None, # Layers (see `find_layers`) and/or 'input', 'logits', 'target'; None: those + conv and BN layers (+ the default Grad-CAM layer when explaining)
                  exclude=None, # Names or regexes of layers to leave out, or 'input', 'logits', 'target'
-                 grads:bool=True, # Save the gradient of the loss with respect to each saved output (training batches)
-                 bn_stats:bool=True, # Save running_mean, running_var, weight, bias of every BatchNorm layer (training batches)
-                 params:bool=False, # Save weight and bias of the other included layers (training batches)
+                 grads:bool=True, # Save the gradient with respect to each saved output: of the loss (training), of the target logits (explained validation batches)
+                 explain:bool=True, # On each saved validation batch, one more forward and backward of the target logits (eval mode): what `Trial.fullgrad`/`Trial.gradcam` need
+                 target='label', # What explained batches explain: 'label' (the true class where labels are classes, else the prediction), 'pred', an int, one int per image, a callable on the logits
+                 max_bytes:int|None=4*2**30, # Stop saving (with a warning) where the run's tensors would pass this many bytes; None: no limit
+                 bn_stats:bool=True, # Save running_mean, running_var, weight, bias of every BatchNorm layer (training and explained batches)
+                 params:bool=False, # Save weight and bias of the other included layers (training and explained batches)
                  dtype=None, # Save floating tensors in this dtype (`torch.float16` halves storage); None: as they are
                  background:bool=True, # Write in a thread while training goes on (one step in flight at most)
                  fsync:bool=True, # fsync each file, so listed steps survive a power cut (see `SnapshotWriter`)
                  modules=None, # fastai's `HookCallback` name for `include`: the modules (or names, regexes) to hook
+                 output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`), for explained batches
                  **kwargs): # `hook=fn(module, input, output)`: what to keep of each output, instead of the `hook` method
         for k,v in dict(every=every, valid_every=valid_every).items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"{k} must be an int >= 0 or None, got {v!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch dtype such as torch.float16, or None; got {dtype!r}")
+        if isinstance(target, str) and target not in ('label', 'pred'):
+            raise ValueError(f"target must be 'label', 'pred', None, an int, one int per image or a callable; got {target!r}")
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
+            raise ValueError(f"max_bytes must be an int > 0 or None, got {max_bytes!r}")
         if modules is not None:
             if include is not None: raise ValueError("give the layers either as include= or as modules= (fastai's name), not both")
             include = modules
         super().__init__(every=every, **kwargs)
         self.dest = Path(path)
-        store_attr('valid_every,include,exclude,grads,bn_stats,params,dtype,background,fsync')
+        store_attr('valid_every,include,exclude,grads,explain,target,max_bytes,bn_stats,params,dtype,background,fsync,output')
         self.writer = None
 
     @property
@@ -78,11 +97,43 @@ class SnapshotCallback(HookCallback):
         inc_mods = None if inc is None else [i for i in inc if not (isinstance(i, str) and i in _SPECIAL)]
         exc_mods = [e for e in exc if not (isinstance(e, str) and e in _SPECIAL)] or None
         model = self.model
-        if inc is None: layers = find_layers(model, exclude=exc_mods, types=_DEFAULT_TYPES)
+        if inc is None:
+            layers = find_layers(model, exclude=exc_mods, types=_DEFAULT_TYPES)
+            if self.explain: layers = self._with_default_layer(model, layers, exc_mods)
         else: layers = find_layers(model, inc_mods, exclude=exc_mods) if inc_mods else []
         if not layers and not special:
             raise ValueError(f"include={self.include!r} minus exclude={self.exclude!r} leaves nothing to save")
         return layers, special
+
+    def _with_default_layer(self, model, layers, exc_mods) -> list:
+        "`layers` and the layer `gradcam` uses by default (unless excluded), in model order"
+        try: d = find_layers(model, methods.default_layer(model), exclude=exc_mods)
+        except ValueError: return layers                 # a model without a conv layer or a transformer block
+        order = {n:i for i,(n,_) in enumerate(model.named_modules())}
+        return sorted(dict(layers + d).items(), key=lambda p: order[p[0]])
+
+    def _run_meta(self, model) -> dict:
+        "What the run's `run.json` says about this fit: the selection, the options, the data's Normalize and vocab"
+        name = lambda x: x if isinstance(x, (str, int)) else find_layers(model, x)[0][0] if isinstance(x, nn.Module) else str(x)
+        norm = dls_norm(self.dls)
+        try: dflt = methods.default_layer(model)
+        except ValueError: dflt = None
+        vocab = getattr(self.dls, 'vocab', None)
+        return dict(writer='SnapshotCallback', model=type(model).__name__, layers=[n for n,_ in self.layers],
+                    special=self.special, include=None if self.include is None else [name(i) for i in listify(self.include)],
+                    exclude=[name(e) for e in listify(self.exclude)], every=self.every, valid_every=self.valid_every,
+                    grads=self.grads, explain=self.explain, target=self.target if isinstance(self.target, (str, int)) else 'given',
+                    max_bytes=self.max_bytes, bn_stats=self.bn_stats, params=self.params,
+                    dtype=None if self.dtype is None else str(self.dtype)[6:], n_epoch=self.n_epoch, default_layer=dflt,
+                    norm=None if norm is None else dict(mean=norm.mean.flatten().tolist(), std=norm.std.flatten().tolist()),
+                    vocab=None if vocab is None or isinstance(vocab, Tensor) else [str(v) for v in vocab])
+
+    def _planned_steps(self) -> dict:
+        "How many steps of each mode this fit saves (None where a DataLoader has no length)"
+        try: nt,nv = len(self.dls.train)*self.n_epoch,len(self.dls.valid)
+        except TypeError: return dict(train=None, valid=None)
+        nv = 0 if not nv else self.n_epoch if self.valid_every is None else -(-nv*self.n_epoch // self.valid_every) if self.valid_every else 0
+        return dict(train=-(-nt // self.every) if self.every else 0, valid=nv)
 
     def before_fit(self):
         self._clear()
@@ -93,16 +144,13 @@ class SnapshotCallback(HookCallback):
         self.run = in_main_fit(self.learn)
         if not self.run: return
         self.layers,self.special = self._select()
-        names = [n for n,_ in self.layers]
         exc_mods = [e for e in listify(self.exclude) if not (isinstance(e, str) and e in _SPECIAL)] or None
         model = self.model
         self.bns = find_layers(model, exclude=exc_mods, types=nn.modules.batchnorm._BatchNorm) if self.bn_stats else []
         self.param_layers = [(n,m) for n,m in self.layers if self.params and not isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self.valid_count,self.cancelled = 0,False
-        self.writer = SnapshotWriter(self.dest, fsync=self.fsync, meta=dict(
-            writer='SnapshotCallback', model=type(model).__name__, layers=names, special=self.special,
-            every=self.every, valid_every=self.valid_every, grads=self.grads, bn_stats=self.bn_stats, params=self.params,
-            dtype=None if self.dtype is None else str(self.dtype)[6:], n_epoch=self.n_epoch))
+        self.valid_count,self.cancelled,self.stopped,self.n_bytes,self._announced = 0,False,False,0,False
+        self.explaining,self.planned = self.explain,self._planned_steps()
+        self.writer = SnapshotWriter(self.dest, fsync=self.fsync, meta=self._run_meta(model))
 
     def before_batch(self):
         self._clear()
@@ -111,10 +159,12 @@ class SnapshotCallback(HookCallback):
             mode,step = 'train',self.train_iter
         else:
             n = self.valid_count; self.valid_count += 1
-            if not self.valid_every or n % self.valid_every: return
+            if (self.iter if self.valid_every is None else not self.valid_every or n % self.valid_every): return
             mode,step = 'valid',n
+        if self.stopped: return
         self._mode,self._snap,self._buf,self._scale,self._cuda = mode,step,{},None,False
-        self._register()
+        self._explaining = mode == 'valid' and self.explaining
+        if not self._explaining: self._register()   # an explained batch is hooked in its own forward pass (`_explain`)
 
     def _register(self):
         "Hook the layers for the forward pass of this batch; a model-level hook removes them when it ends"
@@ -123,14 +173,15 @@ class SnapshotCallback(HookCallback):
                             on_grad=lambda n,g: self._keep(f'{n}.output_grad', g))
         self._top = self.model.register_forward_hook(self._forward_done, always_call=True)
 
-    def _keep_output(self, name, a):
+    def _keep_output(self, name, a, keep=None):
         "Keep what `hook` returned for layer `name`: a tensor as `name.output`, a dict or tuple of tensors as `name.output.k`"
-        if isinstance(a, Tensor): return self._keep(f'{name}.output', a)
+        keep = keep or self._keep
+        if isinstance(a, Tensor): return keep(f'{name}.output', a)
         items = a.items() if isinstance(a, dict) else enumerate(a) if isinstance(a, (tuple, list)) else None
         if items is None: raise TypeError(f"hook must return a tensor, a dict or tuple of tensors, or None; got {type(a).__name__} for {name!r}")
         for k,t in items:
             if not isinstance(t, Tensor): raise TypeError(f"hook returned a {type(t).__name__} at {k!r} for {name!r}: only tensors are saved")
-            self._keep(f'{name}.output.{k}', t)
+            keep(f'{name}.output.{k}', t)
 
     def _keep(self, name, t):
         self._buf[name] = _copy_to_cpu(t, self.dtype)
@@ -156,13 +207,70 @@ class SnapshotCallback(HookCallback):
         for i,y in enumerate(self.yb):
             if 'target' in self.special and isinstance(y, Tensor): self._keep('target' if i == 0 else f'target.{i}', y)
         if len(self.yb) and isinstance(self.learn.loss, Tensor): self._keep('loss', self.learn.loss)
-        if not self.training: return
+        if not (self.training or self._explaining): return
         for n,m in self.bns:                     # after the forward pass (running stats updated), before the step
             for k in ('running_mean', 'running_var', 'weight', 'bias'):
                 if isinstance(getattr(m, k, None), Tensor): self._keep(f'{n}.{k}', getattr(m, k))
         for n,m in self.param_layers:
             for k in ('weight', 'bias'):
                 if isinstance(getattr(m, k, None), Tensor): self._keep(f'{n}.{k}', getattr(m, k))
+        if self._explaining: self._explain()
+
+    def _target(self) -> tuple:
+        "What an explained batch explains (see `target`) and, in words, where it comes from"
+        if self.target in (None, 'pred'): return None,'pred'
+        if self.target != 'label': return self.target,'given'
+        y,p = (self.yb[0] if len(self.yb) else None),self.pred
+        ok = (isinstance(y, Tensor) and isinstance(p, Tensor) and y.dim() == 1 and p.dim() == 2 and len(y) == len(p)
+              and not (y.is_floating_point() or y.dtype == torch.bool) and bool(((y >= 0) & (y < p.shape[1])).all()))
+        return (y.as_subclass(Tensor).long(),'label') if ok else (None,'pred')
+
+    def _explain(self):
+        "Explain this validation batch: its tensors join the step, what reads them joins the step's metadata"
+        t,how = self._target()
+        try: self._explained_meta = self.explain_batch(self.xb[0], t, self._keep, how)
+        except Exception as e:                   # the fit goes on; the step is saved without explanation
+            self.explaining = self._explaining = False
+            warnings.warn(f"SnapshotCallback could not explain validation batch {self._snap} ({type(e).__name__}: {e}); "
+                          "validation steps are saved without explanation for the rest of this fit (see `explain=`)")
+
+    def explain_batch(self, xb:Tensor, # A batch (B,C,H,W) on the model's device
+                  target, # As `methods.explained_backward` takes it
+                  keep, # Called as `keep(name, tensor)` for each tensor to store
+                  how:str='given', # Where `target` comes from, for the metadata
+                 ) -> dict:
+        "One forward and backward of `xb`'s target logits with the layers hooked: `keep` gets the tensors, the metadata is returned"
+        model,kept,shapes = self.model,set(),{}
+        def put(n, t):
+            kept.add(n); shapes[n] = tuple(t.shape); keep(n, t)
+        cap = Capture(model, self.layers, grads=self.grads, hook=self.hook, on_act=lambda n,a: self._keep_output(n, a, put),
+                      on_grad=lambda n,g: put(f'{n}.output_grad', g))
+        r = methods.explained_backward(model, xb, target, cap, self.output)
+        if r.input_grad is not None: put('input_grad', r.input_grad)
+        put('explained_class', r.target); put('target_logit', r.score)
+        n_calls,call,saved = {},[],{n for n,_ in self.layers}
+        for p in r.points: call.append(n_calls.get(p.name, 0)); n_calls[p.name] = call[-1] + 1
+        pts = []
+        for i in r.order:                        # the order the backward pass reached them: the order FullGrad adds them
+            p,sfx = r.points[i],(f'.{call[i]}' if call[i] else '')
+            rec = dict(name=p.name, kind=p.kind, grad=f'{p.name}.output_grad', channels_last=p.channels_last)
+            if not (p.kind == 'out' and n_calls[p.name] == 1 and p.name in saved and rec['grad'] in kept):
+                rec['grad'] = f'{p.name}.point_grad{sfx}'; put(rec['grad'], p.grad)   # else: the same gradient, kept once
+            if p.kind == 'clamp':
+                rec.update(code=f'{p.name}.clamp_code{sfx}', levels=list(p.levels)); put(rec['code'], p.code)
+            else:
+                rec.update(bias=f'{p.name}.point_bias', trailing=p.trailing)
+                if rec['bias'] not in kept: put(rec['bias'], r.biases[p.name])
+            pts.append(rec)
+        lays,size = {},tuple(xb.shape[-2:])
+        for n,_ in self.layers:
+            if f'{n}.output_grad' not in shapes: continue
+            try:
+                l = methods.feature_layout(model, n, shapes[f'{n}.output_grad'], size, batch_size=len(xb), what='Grad-CAM')
+                lays[n] = dict(fmt=l.fmt, prefix=l.prefix, grid=l.grid)
+            except ValueError as e: lays[n] = dict(error=str(e))
+        return dict(grads='target_logits', target=how, input_size=list(size), points=pts, layouts=lays,
+                    fullgrad_error=r.fullgrad_error)
 
     def after_backward(self):
         if self._snap is None: return
@@ -170,22 +278,72 @@ class SnapshotCallback(HookCallback):
         if scaler is not None and scaler.is_enabled(): self._scale = float(scaler.get_scale())
 
     def _tensors(self):
-        "The kept tensors in a stable order: input, outputs, gradients (model order), statistics, logits, target, loss"
+        "The kept tensors in a stable order: input, outputs, gradients (model order), statistics, logits, target, loss, the rest"
         buf,names = self._buf,[n for n,_ in self.layers]
         order = ([k for k in buf if k.startswith('input')] + [f'{n}.output' for n in names]
                  + [k for n in names for k in buf if k.startswith(f'{n}.output.')]
                  + [f'{n}.output_grad' for n in names]
                  + [k for k in buf if k.rsplit('.', 1)[-1] in ('running_mean', 'running_var', 'weight', 'bias')]
-                 + [k for k in buf if k.startswith(('logits', 'target'))] + ['loss'])
+                 + [k for k in buf if k.startswith(('logits', 'target'))] + ['loss'] + list(buf))
         res = {k: buf[k] for k in dict.fromkeys(order) if k in buf}
         if self._scale:                          # fastai's MixedPrecision scaled the loss before backward
             for k in res:
                 if k.endswith('.output_grad'): res[k] = (res[k].float()/self._scale).to(res[k].dtype)
         return res
 
+    def _log(self, msg:str):
+        "Print `msg` where fastai prints its log: not under `learn.no_logging()`"
+        lg = getattr(getattr(self.learn, 'progress', None), 'old_logger', self.learn.logger)
+        if lg is not noop: print(msg)
+
+    def _estimate(self, ts:dict) -> int|None:
+        "Bytes of a validation step, estimated at the first training step `ts`: its tensors per image, explained on one image"
+        bs,nv = len(self.xb[0]),getattr(self.dls.valid, 'bs', None) or len(self.xb[0])
+        per = lambda names: sum(ts[k].numel()*ts[k].element_size() for k in names)/bs
+        batch = [k for k,t in ts.items() if t.dim() and len(t) == bs]
+        if not self.explaining: return int(nv*per([k for k in batch if not k.endswith('_grad')]))
+        n = [0]
+        def count(k, t): n[0] += t.numel()*(t.element_size() if self.dtype is None or not t.is_floating_point() else self.dtype.itemsize)
+        self.explain_batch(self.xb[0][:1], None, count)
+        return int(nv*(n[0] + per([k for k in batch if k.startswith(('input', 'logits', 'target', 'loss')) and k != 'input_grad'])))
+
+    def _announce(self, ts:dict):
+        "Say once, before the first step is written, what one step takes and what the fit will write"
+        self._announced = True
+        size = {self._mode: _nbytes(ts)}
+        if self._mode == 'train' and self.planned['valid']:
+            try: size['valid'] = self._estimate(ts)
+            except Exception: pass
+        known = {m: s for m,s in size.items() if self.planned[m] is not None}
+        total = self.projected = sum(s*self.planned[m] for m,s in known.items())
+        steps = ' and '.join(f"{self.planned[m]} {m}" for m in known) or 'an unknown number of'
+        msg = (f"SnapshotCallback: one {self._mode} step takes {_fmt_bytes(size[self._mode])}"
+               + (f", one valid step about {_fmt_bytes(size['valid'])}" if 'valid' in size and self._mode != 'valid' else '')
+               + f"; {steps} steps in this fit: {_fmt_bytes(total)} projected, in {self.writer.path}")
+        if self.max_bytes is not None:
+            msg += f" (max_bytes={_fmt_bytes(self.max_bytes)}{': saving stops there' if total > self.max_bytes else ''})"
+        self._log(msg)
+
+    def _within_budget(self, ts:dict) -> bool:
+        "Count the bytes of `ts`; past `max_bytes`, stop saving (with a warning) and say False"
+        nb = _nbytes(ts)
+        if self.max_bytes is not None and self.n_bytes + nb > self.max_bytes:
+            self.stopped = True
+            n = sum(1 for _ in self.writer.parts)
+            warnings.warn(f"SnapshotCallback stops saving: {self._mode} step {self._snap} ({_fmt_bytes(nb)}) would take the run in "
+                          f"{str(self.writer.path)!r} past max_bytes={_fmt_bytes(self.max_bytes)}; {n} steps "
+                          f"({_fmt_bytes(self.n_bytes)}) are written and the run stays readable. To save more: raise max_bytes=, or "
+                          "save less (fewer layers in include=, a larger every= or valid_every=, dtype=torch.float16, explain=False)")
+            return False
+        self.n_bytes += nb
+        return True
+
     def after_batch(self):
         if self._snap is None: return
         try:
+            ts = self._tensors()
+            if not self._announced: self._announce(ts)
+            if not self._within_budget(ts): return
             ready = None
             if self._cuda:                       # the non-blocking copies are done once this event is
                 ready = torch.cuda.Event(); ready.record()
@@ -194,24 +352,27 @@ class SnapshotCallback(HookCallback):
             if self.training and self.opt is not None and 'lr' in self.opt.hypers[-1]:
                 meta['lr'] = float(self.opt.hypers[-1]['lr'])
             if self._scale: meta['grad_scale'] = self._scale
-            self.writer.write_step(self._mode, self._snap, self._tensors(), meta=meta, epoch=self.epoch,
+            if self.training and self.grads: meta['grads'] = 'loss'
+            if self._explaining: meta['explained'] = self._explained_meta
+            self.writer.write_step(self._mode, self._snap, ts, meta=meta, epoch=self.epoch,
                                    iteration=self.iter, wait=not self.background, ready=ready)
         finally: self._clear()
 
     def write(self, tensors:dict, # name -> tensor, new at that step
               meta:dict=None, # JSON metadata for the step
              ) -> bool:
-        "Add `tensors` to this fit's run at the current step: the last validation batch in validation, else the training batch; False outside a fit"
-        if self.writer is None: return False
+        "Add `tensors` to this fit's run at the current step: the last validation batch in validation, else the training batch; False outside a fit or past `max_bytes`"
+        if self.writer is None or self.stopped: return False
         mode,step = ('train', self.train_iter) if self.training else ('valid', max(self.valid_count - 1, 0))
         self.writer.write_step(mode, step, tensors, meta=meta, epoch=self.epoch, iteration=self.iter)
+        self.n_bytes += _nbytes(tensors)
         return True
 
     def _clear(self):
         "Remove any hook of a saved batch and drop its tensors"
         self._remove()
         self._cap = self._top = self._snap = None
-        self._buf = {}
+        self._buf,self._explaining = {},False
 
     def after_cancel_batch(self):    self._clear()   # a cancelled batch is not saved
     def after_cancel_train(self):    self._clear()
@@ -223,7 +384,9 @@ class SnapshotCallback(HookCallback):
         if self.writer is None: return
         w,self.writer = self.writer,None
         self.run_path = w.path                   # the run folder this fit wrote
-        w.close(ended=not self.cancelled, meta=dict(epoch=self.epoch, train_iter=self.train_iter))
+        meta = dict(epoch=self.epoch, train_iter=self.train_iter, bytes=self.n_bytes)
+        if self.stopped: meta['stopped'] = f'max_bytes ({self.max_bytes})'
+        w.close(ended=not self.cancelled, meta=meta)
 
     def trial(self) -> Trial:
         "A `Trial` on the run of the current or last fit"

@@ -10,13 +10,16 @@ import torch
 from torch import Tensor
 from safetensors import SafetensorError
 from safetensors.torch import save_file, safe_open
+from .hooks import name_matches
 
 # %% auto #0
-__all__ = ['MODES', 'list_runs', 'SnapshotWriter', 'TrialTensor', 'Trial']
+__all__ = ['MODES', 'list_runs', 'SnapshotWriter', 'TensorUnavailable', 'TensorUnavailableForStep', 'StepUnavailable',
+           'TrialTensor', 'Trial', 'modes', 'create_trial']
 
 # %% ../nbs/01_store.ipynb #835fb261
 MODES = ('train', 'valid', 'predict')
 _RUN_FILE,_INDEX_FILE,_END_FILE = 'run.json','index.jsonl','end.json'
+_REPLAY = ('fullgrad', 'gradcam', 'maps', 'animate', 'save_gif', 'explained_steps', 'activation_stats', 'plot_layer_stats', 'color_dim')   # see 09_replay
 
 # %% ../nbs/01_store.ipynb #b47aebf0
 def _check_mode(mode):
@@ -176,6 +179,7 @@ class SnapshotWriter:
 
     def _append_index(self, record):
         "Append `record` to the index as one complete line, written by a single `os.write`, then fsynced"
+        record['time'] = time.time()                   # when the step landed: a follower's latency is measured from it
         line = (json.dumps(record, separators=(',', ':')) + '\n').encode()
         fd = os.open(self.path/_INDEX_FILE, os.O_WRONLY|os.O_APPEND)
         try:
@@ -224,6 +228,16 @@ def _abbrev(xs, n=12) -> str:
     if len(xs) <= n: return str(xs)
     return f"[{', '.join(map(str, xs[:n//2]))}, ..., {', '.join(map(str, xs[-3:]))}] ({len(xs)} in all)"
 
+# %% ../nbs/01_store.ipynb #bd3130d3
+class TensorUnavailable(ValueError):
+    "No tensor of that name was saved in the run (smdebug's `TensorUnavailable`)"
+
+class TensorUnavailableForStep(ValueError):
+    "The tensor was not saved at that step and mode (smdebug's `TensorUnavailableForStep`)"
+
+class StepUnavailable(TensorUnavailableForStep):
+    "The run has no such step in that mode (so no tensor is available for it either)"
+
 # %% ../nbs/01_store.ipynb #3a86cee2
 class TrialTensor:
     "One tensor name of a `Trial`: the steps it was saved at, and its values"
@@ -231,8 +245,12 @@ class TrialTensor:
     def steps(self, mode:str=None) -> list:
         "Steps of `mode` (all modes if None) at which this tensor was saved"
         return self.trial._tensor_steps(self.name, mode)
-    def value(self, step:int, mode:str='train', device='cpu') -> Tensor:
+    def value(self, step:int=None, mode:str='train', device='cpu',
+              step_num:int=None, # smdebug's name for `step`
+             ) -> Tensor:
         "The tensor saved at `step` of `mode`, read from its safetensors file"
+        if step is None: step = step_num
+        if step is None: raise TypeError("value() needs the step: value(step, mode) or value(step_num=..., mode=...)")
         rec = self.trial._locate(self.name, step, mode)
         with safe_open(str(self.trial.path/rec['file']), framework='pt', device=str(device)) as f:
             return f.get_tensor(self.name)
@@ -298,10 +316,10 @@ class Trial:
             if self._recs.get(mode): have = f"{mode} steps: {_abbrev(self.steps(mode))}"
             else: have = f"no {mode} steps at all (modes with steps: {self.modes()})"
             more = "" if self.end else "; the run has no end marker, so it may still be written (see `wait_for_steps`)"
-            raise ValueError(f"no {mode} step {step!r} in {str(self.path)!r}: {have}{more}")
+            raise StepUnavailable(f"no {mode} step {step!r} in {str(self.path)!r}: {have}{more}")
         return recs
 
-    def tensor_names(self, regex:str=None, # Keep names where this regex matches (`re.search`)
+    def tensor_names(self, regex:str=None, # Keep names where this regex is found (`name_matches`: `re.search`)
                      step:int=None, # Names at this step only; None: at any step
                      mode:str=None, # Names in this mode only ('train' if only `step` is given); None: all modes
                     ) -> list:
@@ -311,7 +329,7 @@ class Trial:
         elif mode is not None:
             names = list(dict.fromkeys(n for rs in self._recs.get(_check_mode(mode), {}).values() for r in rs for n in r['names']))
         else: names = list(self._names)
-        if regex is not None: names = [n for n in names if re.search(regex, n)]
+        if regex is not None: names = [n for n in names if name_matches(regex, n)]
         return names
 
     def tensor(self, name:str) -> TrialTensor:
@@ -324,7 +342,7 @@ class Trial:
             if close: msg += f" Closest names: {close}."
             msg += f" It has {len(names)} names, e.g. {names[:6]}; see `tensor_names(regex)`."
             if not self.end: msg += " The run has no end marker: names may still appear."
-            raise ValueError(msg)
+            raise TensorUnavailable(msg)
         return TrialTensor(self, name)
 
     def _tensor_steps(self, name, mode=None):
@@ -337,22 +355,40 @@ class Trial:
         self.refresh()
         for r in self._step_recs(step, mode):
             if name in r['names']: return r
-        raise ValueError(f"tensor {name!r} was not saved at {mode} step {step}; it was at {mode} steps "
+        raise TensorUnavailableForStep(f"tensor {name!r} was not saved at {mode} step {step}; it was at {mode} steps "
                          f"{_abbrev(self._tensor_steps(name, mode))} (all modes: {self._modes_of(name)})")
 
     def _modes_of(self, name): return [m for m in MODES if self._tensor_steps(name, m)]
 
     def step_info(self, step:int, mode:str='train') -> dict:
-        "Epoch, iteration, names, shapes, dtypes, files and metadata of `step` of `mode` (its parts merged)"
+        "Epoch, iteration, when it landed (`time`), names, shapes, dtypes, files and metadata of `step` of `mode` (its parts merged)"
         self.refresh()
         recs = self._step_recs(step, mode)
         res = dict(mode=mode, step=step, epoch=recs[0]['epoch'], iteration=recs[0]['iteration'],
-                   names=[], shapes=[], dtypes=[], files=[], meta={})
+                   time=max(r.get('time', 0.) for r in recs), names=[], shapes=[], dtypes=[], files=[], meta={})
         for r in recs:
             for k in ('names', 'shapes', 'dtypes'): res[k] += r[k]
             if r['file']: res['files'].append(r['file'])
             res['meta'].update(r['meta'])
         return res
+
+    def tensors(self, step:int, mode:str='train', # The step and its mode
+                names=None, # The names to read; None: every tensor of the step
+                device='cpu') -> dict:
+        "`{name: tensor}` of `step` of `mode`, each of its files opened once"
+        self.refresh()
+        recs,want = self._step_recs(step, mode),None if names is None else list(names)
+        res = {}
+        for r in recs:
+            ks = [n for n in r['names'] if want is None or n in want]
+            if not (ks and r['file']): continue
+            with safe_open(str(self.path/r['file']), framework='pt', device=str(device)) as f:
+                for k in ks: res[k] = f.get_tensor(k)
+        if want is None: return res
+        if missing := [n for n in want if n not in res]:
+            raise TensorUnavailableForStep(f"{_abbrev(missing, 6)} not saved at {mode} step {step} of {str(self.path)!r}; "
+                                           f"it holds {_abbrev(self.tensor_names(step=step, mode=mode), 8)}")
+        return {n: res[n] for n in want}
 
     def meta(self, step:int, mode:str='train') -> dict:
         "The JSON metadata written with `step` of `mode`"
@@ -377,8 +413,22 @@ class Trial:
                                    f"it has {_abbrev(sorted(have))}")
             time.sleep(poll)
 
+    def __getattr__(self, k):
+        if k in _REPLAY: raise AttributeError(f"Trial.{k} comes with fastai_saliency.replay: import it, or fastai_saliency.all")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {k!r}")
+
     def __repr__(self):
         self.refresh()
         counts = ', '.join(f"{m}: {len(self._recs[m])} steps" for m in self.modes()) or 'no steps'
         runs = f", newest of {len(self.runs)} runs" if len(self.runs) > 1 else ""
         return f"Trial({str(self.path)!r}{runs}, {counts}, {'ended' if self.end else 'no end marker (running or interrupted)'})"
+
+# %% ../nbs/01_store.ipynb #f711d346
+class modes:
+    "smdebug's mode names for the store's modes: `modes.TRAIN` is `'train'`, `modes.EVAL` is `'valid'`, `modes.PREDICT` is `'predict'`"
+    TRAIN,EVAL,PREDICT = MODES
+
+# %% ../nbs/01_store.ipynb #4014345c
+def create_trial(path) -> Trial:
+    "smdebug's name for `Trial(path)`"
+    return Trial(path)

@@ -295,7 +295,7 @@ def test_class_imbalance_min_labels_gates_warning_in_fit():
 
 def test_class_imbalance_writes_into_the_snapshot_store(tmp_path):
     dls = tiny_dls(valid_labels=[0]*30 + [1]*2, bs=8)               # 4 validation batches per epoch
-    snap = SnapshotCallback(tmp_path, every=0, include='logits', fsync=False)
+    snap = SnapshotCallback(tmp_path, every=0, valid_every=1, include='logits', fsync=False)
     learn = tiny_learn(dls, cbs=[snap])
     ci = ClassImbalance(min_labels=0)
     with warnings.catch_warnings():
@@ -330,7 +330,7 @@ def test_class_imbalance_outside_a_fit_and_without_labels():
 def test_class_imbalance_over_a_trial(tmp_path):
     "The rules over the labels and predictions a SnapshotCallback stored equal the callback's, for training and validation steps"
     dls = tiny_dls(valid_labels=[0]*30 + [1]*2, bs=8)
-    snap = SnapshotCallback(tmp_path, every=1, include=['logits', 'target'], fsync=False)
+    snap = SnapshotCallback(tmp_path, every=1, valid_every=1, include=['logits', 'target'], fsync=False)
     learn = tiny_learn(dls, cbs=[snap])
     ci = ClassImbalance(min_labels=0, store=False)
     with warnings.catch_warnings():
