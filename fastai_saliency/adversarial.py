@@ -19,11 +19,16 @@ from .data import read_boxes
 from .learn_io import items_batch, dls_norm, unwrap_model
 from . import methods
 from .plot import to_image, show_overlay
+from .store import Trial
+from .snapshot import SnapshotCallback
+import fastai_saliency.replay   # Trial.gradcam, Trial.find_items
+from .capture import read_capture
 from .monitor import PredictionMonitor, MonitorWarning, check_capture, plot_report
 from .evaluate import pointing_game, valid_boxes
 
 # %% auto #0
-__all__ = ['pixel_stats', 'fgsm', 'box_masks', 'mass_share', 'changed_most', 'map_correlation', 'map_shift', 'adversarial_story']
+__all__ = ['pixel_stats', 'fgsm', 'box_masks', 'mass_share', 'changed_most', 'map_correlation', 'map_shift', 'flagged_requests',
+           'adversarial_story']
 
 # %% ../nbs/12_adversarial.ipynb #3e09976d
 def pixel_stats(norm, # A fastai `Normalize`, a `(mean, std)` pair (a value per channel, or one for all), or None: `xb` is pixels
@@ -222,12 +227,46 @@ def map_shift(model, x, x_adv, # A clean batch and its attacked version
                 changed_area=mean(cm.double().mean((1, 2))), correlation=mean(map_correlation(mc, ma)))
 
 # %% ../nbs/12_adversarial.ipynb #b692a61a
-def _serve(learn:Learner, x:Tensor, mon:PredictionMonitor, bs:int=64):
-    "Predictions of `learn` for the normalised batch `x` through `get_preds` with `mon`, its warnings silenced"
+def _serve(learn:Learner, x:Tensor, cbs, bs:int=64):
+    "Serve the normalised batch `x` through `get_preds` with `cbs` (a `PredictionMonitor`, a `SnapshotCallback`...), warnings silenced"
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', MonitorWarning)
-        with learn.no_bar(): learn.get_preds(dl=DataLoader(list(zip(x.cpu())), bs=bs, device=learn.dls.device), cbs=mon)
-    return mon.last_report
+        with learn.no_bar(): learn.get_preds(dl=DataLoader(list(zip(x.cpu())), bs=bs, device=learn.dls.device), cbs=cbs)
+
+# %% ../nbs/12_adversarial.ipynb #c9f55a92
+def flagged_requests(capture, # The monitor's capture folder
+                     check, # A `check_capture` report whose class-share violations name the flagged classes
+                     attacked_run, # The snapshot run (a folder or a `Trial`) of the traffic the check read
+                     clean_run=None, # The run of the same requests (same ids) served clean, drawn beside; None: none
+                     layer=None, # A saved layer for Grad-CAM; None: the model's default layer (saved by default)
+                     n:int=4, # Requests drawn
+                     vocab=None, # Class names for the titles
+                     stats=None, # The data's Normalize (or its stats), to draw the images
+                     size:float=2.2,
+                    ) -> tuple:
+    "The ids of the captured requests predicted as a flagged class (the last `check.total`), and a figure of their maps made from the store"
+    flagged = {v.cls for v in check.violations if v.kind == 'class_share' and v.cls is not None}
+    recs = read_capture(capture)[-check.total:] if check.total else []
+    ids = [r['id'] for r in recs if r['topk'][0] in flagged]
+    ta = attacked_run if isinstance(attacked_run, Trial) else Trial(attacked_run)
+    tc = None if clean_run is None else clean_run if isinstance(clean_run, Trial) else Trial(clean_run)
+    runs = [('clean', tc), ('served', ta)] if tc is not None else [('served', ta)]
+    where = {name: t.find_items(ids[:n]) for name,t in runs}
+    shown = [i for i in ids[:n] if all(i in w for w in where.values())]
+    name = lambda c: str(vocab[c]) if vocab is not None else str(c)
+    fig,axs = plt.subplots(max(len(shown), 1), 2*len(runs), figsize=(size*2*len(runs), size*max(len(shown), 1) + 0.5), squeeze=False)
+    for ax in axs.flat: ax.set_axis_off()
+    for r,i in enumerate(shown):
+        for k,(what,t) in enumerate(runs):
+            s,j = where[what][i]
+            x = t.tensor('input').value(s, mode='predict')[j]
+            c = int(t.tensor('explained_class').value(s, mode='predict')[j])
+            m = t.gradcam(layer, s, mode='predict', items=[j])[0]
+            axs[r, 2*k].imshow(to_image(x, stats)); axs[r, 2*k].set_title(f"{what} {i}: {name(c)}", fontsize=9)
+            show_overlay(x, m, ax=axs[r, 2*k + 1], stats=stats, title='Grad-CAM (from the store)')
+    fig.suptitle(f"{len(ids)} requests predicted {', '.join(name(c) for c in sorted(flagged))}; the first {len(shown)}")
+    fig.tight_layout()
+    return ids, fig
 
 # %% ../nbs/12_adversarial.ipynb #109561d6
 def adversarial_story(learn:Learner, path, # A trained SynthSigns Learner, and its `synth_signs` folder (for the sign boxes)
@@ -238,9 +277,9 @@ def adversarial_story(learn:Learner, path, # A trained SynthSigns Learner, and i
                       method:str='gradcam', # The maps shown and measured (FullGrad is measured too)
                       layer=None, # The layer of Grad-CAM; default: `methods.default_layer`
                       n_show:int=4, # Attacked requests drawn
-                      out=None, # A folder for the capture, the constraints and the checks; None: a temporary one, deleted after
+                      out=None, # A folder for the capture, the constraints, the checks and the snapshots; None: a temporary one, deleted after
                      ) -> dict:
-    "The deployment story: a baseline from validation, clean traffic (no violation), a burst attacked towards `target` (flagged); accuracy per eps; how the maps move"
+    "The deployment story: a baseline from validation, clean traffic (no violation), a burst attacked towards `target` (flagged, its maps from the snapshot store); accuracy per eps; how the maps move"
     vocab,model,norm = learn.dls.vocab,unwrap_model(learn.model),dls_norm(learn.dls)
     ti = _class_index(vocab, target)
     if traffic is None: x,y = items_batch(learn, list(range(len(learn.dls.valid_ds)))); boxes = valid_boxes(path)
@@ -254,7 +293,11 @@ def adversarial_story(learn:Learner, path, # A trained SynthSigns Learner, and i
     try:
         mon = PredictionMonitor.from_learner(learn, capture=out/'capture')
         mon.constraints.save(out/'constraints.json')
-        served_clean = _serve(learn, x, mon)
+        gl = methods.layer_name(model, layer)
+        snap = SnapshotCallback(out/'snapshots', every=0, valid_every=0, predict_every=1, include=['input', 'logits', gl],
+                                fsync=False)
+        _serve(learn, x, [mon, snap])
+        served_clean,clean_run = mon.last_report,snap.end_predict()
         check_clean = check_capture(out/'capture', mon.constraints, out=out/'checks')
         predict = lambda v: methods.model_logits(model, v).argmax(1)
         p0,others = predict(x),y != ti
@@ -265,7 +308,8 @@ def adversarial_story(learn:Learner, path, # A trained SynthSigns Learner, and i
             rows.append(dict(eps=e, accuracy_fgsm=(pu == y).float().mean().item(), accuracy_targeted=(pa == y).float().mean().item(),
                              to_target=(pa[others] == ti).float().mean().item()))
             attacked,pred_attacked = xa,pa
-        served_attacked = _serve(learn, attacked, mon)
+        _serve(learn, attacked, [mon, snap])
+        served_attacked,attack_run = mon.last_report,snap.end_predict()
         check_attacked = check_capture(out/'capture', mon.constraints, out=out/'checks')
         flipped = (others & (p0 == y) & (pred_attacked == ti)).nonzero()[:, 0].cpu()
         shifts = {m: map_shift(model, x[flipped], attacked[flipped], boxes[flipped.numpy()], norm, m, layer)
@@ -273,6 +317,7 @@ def adversarial_story(learn:Learner, path, # A trained SynthSigns Learner, and i
         r = AttrDict(x=x[flipped[:n_show]], x_adv=attacked[flipped[:n_show]], y=y[flipped[:n_show]], target=ti, targeted=True,
                      eps=eps[-1], steps=steps)
         figs = dict(attack=_show_attack(learn, r, method, layer) if len(flipped) else None, check=plot_report(check_attacked))
+        flagged_ids,figs['flagged'] = flagged_requests(out/'capture', check_attacked, attack_run, clean_run, gl, n_show, vocab, norm)
         fig,ax = plt.subplots(figsize=(5, 3))
         e255 = [row['eps']*255 for row in rows]
         ax.plot([0] + e255, [(p0 == y).float().mean().item()] + [row['accuracy_fgsm'] for row in rows], 'o-', label='accuracy, FGSM (1 step)')
@@ -281,7 +326,7 @@ def adversarial_story(learn:Learner, path, # A trained SynthSigns Learner, and i
         ax.set_xlabel('eps (levels of 255)'); ax.set_ylim(-0.02, 1.02); ax.grid(alpha=.3); ax.legend(fontsize=8); fig.tight_layout()
         figs['accuracy'] = fig
         numbers = dict(target=str(vocab[ti]), n_traffic=len(x), accuracy_clean=(p0 == y).float().mean().item(), eps=rows,
-                       n_flipped=len(flipped), maps=shifts, burst_flagged=[v.to_dict() for v in check_attacked.violations],
+                       n_flipped=len(flipped), maps=shifts, n_flagged_requests=len(flagged_ids), burst_flagged=[v.to_dict() for v in check_attacked.violations],
                        clean_ok=check_clean.ok)
         return dict(numbers=numbers, figures=figs, reports=dict(served_clean=served_clean, served_attacked=served_attacked,
                     check_clean=check_clean, check_attacked=check_attacked), out=None if tmp else str(out))

@@ -19,7 +19,8 @@ from fastai.torch_core import to_device, rank_distrib
 
 # %% auto #0
 __all__ = ['unwrap_model', 'plain_dl', 'plain_dls', 'is_main_process', 'in_validation', 'in_main_fit', 'dls_norm', 'valid_labels',
-           'spread_over_classes', 'default_probes', 'same_random_state', 'is_image_item', 'items_batch']
+           'spread_over_classes', 'default_probes', 'same_random_state', 'is_image_item', 'items_batch', 'item_ids',
+           'json_id']
 
 # %% ../nbs/03_learn_io.ipynb #28c749bc
 # Wrapper class (by name: nothing of deepspeed or torch._dynamo is imported) -> the attribute holding the wrapped model.
@@ -147,3 +148,23 @@ def items_batch(learn:Learner, items=None, n:int=4) -> tuple:
         return torch.cat(xbs), None
     raise TypeError(f"items must be None, validation indices, file paths, PIL images or a batch tensor; "
                     f"got {sorted({type(i).__name__ for i in items})}")
+
+# %% ../nbs/03_learn_io.ipynb #705dacd8
+def item_ids(dl) -> list|None:
+    "Per position in a pass over `dl`: the item's path or its dataset index (None where the order is unknown)"
+    get_idxs = getattr(dl, 'get_idxs', None)
+    if get_idxs is None or (getattr(dl, 'shuffle', False) and type(get_idxs).__name__ != '_ConstantFunc'): return None
+    try: idxs = list(get_idxs())
+    except Exception: return None
+    items = getattr(dl, 'items', None)
+    if isinstance(items, (list, tuple)) or type(items).__name__ == 'L':
+        if len(items) and isinstance(items[0], (str, Path)): return [str(items[i]) for i in idxs]
+    return [int(i) for i in idxs]
+
+# %% ../nbs/03_learn_io.ipynb #6b1b80a2
+def json_id(o):
+    "An item id as a JSON value: ints and strings as they are, paths and others as strings"
+    if isinstance(o, (bool, np.bool_)): return bool(o)
+    if isinstance(o, (int, np.integer)): return int(o)
+    if isinstance(o, Tensor) and o.numel() == 1: return o.item()
+    return o if isinstance(o, (str, float)) else str(o)

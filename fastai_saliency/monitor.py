@@ -16,7 +16,7 @@ from fastcore.basics import store_attr, patch
 from fastai.callback.core import Callback
 from .capture import CaptureWriter, read_capture, read_capture_from
 from .snapshot import SnapshotCallback
-from .learn_io import in_validation
+from .learn_io import in_validation, item_ids, json_id
 from .store import Trial
 
 # %% auto #0
@@ -174,26 +174,6 @@ def _as_probs(probs, from_logits:bool=False, # `probs` are raw outputs: softmax 
                          "are not single-label class probabilities.)")
     return t
 
-# %% ../nbs/10_monitor.ipynb #6b1b80a2
-def _json_id(o):
-    "An item id as a JSON value: ints and strings as they are, paths and others as strings"
-    if isinstance(o, (bool, np.bool_)): return bool(o)
-    if isinstance(o, (int, np.integer)): return int(o)
-    if isinstance(o, Tensor) and o.numel() == 1: return o.item()
-    return o if isinstance(o, (str, float)) else str(o)
-
-# %% ../nbs/10_monitor.ipynb #705dacd8
-def _pass_ids(dl) -> list|None:
-    "Per position in a pass over `dl`: the item's path or its dataset index (None where the order is unknown)"
-    get_idxs = getattr(dl, 'get_idxs', None)
-    if get_idxs is None or (getattr(dl, 'shuffle', False) and type(get_idxs).__name__ != '_ConstantFunc'): return None
-    try: idxs = list(get_idxs())
-    except Exception: return None
-    items = getattr(dl, 'items', None)
-    if isinstance(items, (list, tuple)) or type(items).__name__ == 'L':
-        if len(items) and isinstance(items[0], (str, Path)): return [str(items[i]) for i in idxs]
-    return [int(i) for i in idxs]
-
 # %% ../nbs/10_monitor.ipynb #95c3297f
 class PredictionMonitor(Callback):
     "Count predicted classes; flag a class predicted too often and too much low-confidence traffic (Model Monitor's rules)"
@@ -274,7 +254,7 @@ class PredictionMonitor(Callback):
         now,vocab = datetime.now(timezone.utc).isoformat(timespec='milliseconds'),self._vocab
         lines = []
         for j,i in enumerate(keep.tolist()):
-            rec = dict(id=_json_id(ids[i]) if ids is not None else first + i, time=now, topk=idx[j].tolist(),
+            rec = dict(id=json_id(ids[i]) if ids is not None else first + i, time=now, topk=idx[j].tolist(),
                        probs=[round(v, 6) for v in vals[j].tolist()])
             if vocab is not None: rec['names'] = [str(vocab[c]) for c in rec['topk']]
             lines.append((json.dumps(rec, separators=(',', ':')) + '\n').encode())
@@ -304,7 +284,7 @@ class PredictionMonitor(Callback):
         act = getattr(self.learn.loss_func, 'activation', None)
         self._act = act if callable(act) else None
         self._dls_vocab = getattr(getattr(self.learn, 'dls', None), 'vocab', None)
-        self._ids,self._pos = _pass_ids(self.dl),0
+        self._ids,self._pos = item_ids(self.dl),0
 
     def after_batch(self):
         pred = self.pred[0] if isinstance(self.pred, (tuple, list)) else self.pred

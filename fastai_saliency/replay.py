@@ -145,6 +145,18 @@ def maps(self:Trial, method:str='fullgrad', # 'fullgrad' or 'gradcam'
         return self.fullgrad(step, mode, items=items, **kwargs)
     return self.gradcam(layer, step, mode, items=items, **kwargs)
 
+# %% ../nbs/09_replay.ipynb #8ae9ae2c
+@patch
+def find_items(self:Trial, ids, # Item ids as the monitor's capture has them (file paths, dataset indices), or one id
+               mode:str='predict', # The mode whose steps' `ids` metadata to search (SnapshotCallback(predict_every=) writes it)
+              ) -> dict:
+    "Where each of `ids` was saved: id -> (step, index in that step's batch), the last time it was; ids never saved are left out"
+    want,res = {str(i) for i in ([ids] if isinstance(ids, (str, int)) else ids)},{}
+    for s in self.steps(mode):
+        for k,i in enumerate(self.meta(s, mode).get('ids') or []):
+            if str(i) in want: res[i] = (s, k)
+    return res
+
 # %% ../nbs/09_replay.ipynb #6e290e74
 def _name(vocab, i:int) -> str: return str(vocab[i]) if vocab and 0 <= i < len(vocab) else str(i)
 

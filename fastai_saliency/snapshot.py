@@ -9,7 +9,7 @@ from fastai.basics import *
 from fastai.callback.hook import HookCallback
 from .hooks import find_layers, Capture
 from .store import SnapshotWriter, Trial
-from .learn_io import in_main_fit, unwrap_model, dls_norm
+from .learn_io import in_main_fit, in_validation, is_main_process, unwrap_model, dls_norm, item_ids, json_id
 from . import methods
 
 # %% auto #0
@@ -45,8 +45,9 @@ class SnapshotCallback(HookCallback):
     order,run_valid = 90,True       # late: the batch is final when hooks go on; fastai's backward is done by after_backward
     _cap = _top = _snap = run_path = None
     _explaining = stopped = False
-    _stateattrs = ('writer', '_buf', '_cap', '_top')   # not pickled by `learn.export()`: state of a fit that raised
-    def _init_state(self): self._state,self.writer,self._buf,self._cap,self._top = {},None,{},None,None
+    _predicting = False
+    _stateattrs = ('writer', 'predict_writer', '_buf', '_cap', '_top')   # not pickled by `learn.export()`
+    def _init_state(self): self._state,self.writer,self.predict_writer,self._buf,self._cap,self._top = {},None,None,{},None,None
     def __init__(self, path, # Folder of runs: each fit writes a new `path/run-NNN` (see `SnapshotWriter`)
                  every:int=100, # Save training batches 0, every, 2*every, ... (counted over the fit); 0 or None: none
                  valid_every:int=None, # None: the first batch of each validation pass; N: every N-th validation batch (counted over the fit); 0: none
@@ -63,8 +64,9 @@ class SnapshotCallback(HookCallback):
                  fsync:bool=True, # fsync each file, so listed steps survive a power cut (see `SnapshotWriter`)
                  modules=None, # fastai's `HookCallback` name for `include`: the modules (or names, regexes) to hook
                  output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`), for explained batches
+                 predict_every:int|None=None, # Also save every `predict_every`-th batch of `get_preds`/`predict` as an explained 'predict' step with the items' ids; None: none
                  **kwargs): # `hook=fn(module, input, output)`: what to keep of each output, instead of the `hook` method
-        for k,v in dict(every=every, valid_every=valid_every).items():
+        for k,v in dict(every=every, valid_every=valid_every, predict_every=predict_every).items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"{k} must be an int >= 0 or None, got {v!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -78,8 +80,8 @@ class SnapshotCallback(HookCallback):
             include = modules
         super().__init__(every=every, **kwargs)
         self.dest = Path(path)
-        store_attr('valid_every,include,exclude,grads,explain,target,max_bytes,bn_stats,params,dtype,background,fsync,output')
-        self.writer = None
+        store_attr('valid_every,include,exclude,grads,explain,target,max_bytes,bn_stats,params,dtype,background,fsync,output,predict_every')
+        self.writer = self.predict_writer = None
 
     @property
     def model(self) -> nn.Module:
@@ -137,6 +139,11 @@ class SnapshotCallback(HookCallback):
 
     def before_fit(self):
         self._clear()
+        if in_validation(self.learn):            # learn.validate(), get_preds() and predict() run the fit events too
+            self.run = self._predicting = bool(self.predict_every) and hasattr(self.learn, 'gather_preds') and is_main_process()
+            if self.run: self._start_predict()
+            return
+        self._predicting = False
         if self.writer is not None:              # the writer of an earlier fit that raised: finish it, no end marker
             w,self.writer = self.writer,None
             try: w.close(ended=False)
@@ -152,8 +159,27 @@ class SnapshotCallback(HookCallback):
         self.explaining,self.planned = self.explain,self._planned_steps()
         self.writer = SnapshotWriter(self.dest, fsync=self.fsync, meta=self._run_meta(model))
 
+    def _start_predict(self):
+        "Open the run `get_preds`/`predict` steps go to: one for the callback's life, which each call continues"
+        if self.predict_writer is not None: return
+        self.layers,self.special = self._select()
+        self.predict_count,self.predict_bytes,self.predict_stopped = 0,0,False
+        self.predict_writer = SnapshotWriter(self.dest, fsync=self.fsync, meta=dict(
+            self._run_meta(self.model), mode='predict', predict_every=self.predict_every))
+
+    def before_validate(self):
+        if self._predicting: self._ids,self._pos = item_ids(self.dl),0   # the ids the monitor's capture uses too
+
     def before_batch(self):
         self._clear()
+        if self._predicting:
+            n,bs = self.predict_count,find_bs(self.xb)
+            ids = None if self._ids is None else [json_id(i) for i in self._ids[self._pos:self._pos+bs]]
+            self.predict_count += 1; self._pos += bs
+            if n % self.predict_every: return
+            self._mode,self._snap,self._buf,self._scale,self._cuda = 'predict',n,{},None,False
+            self._explaining,self._batch_ids = self.explain,ids
+            return
         if self.training:
             if not self.every or self.train_iter % self.every: return
             mode,step = 'train',self.train_iter
@@ -201,13 +227,14 @@ class SnapshotCallback(HookCallback):
         for i,x in enumerate(self.xb):
             if 'input' in self.special and isinstance(x, Tensor): self._keep('input' if i == 0 else f'input.{i}', x)
         if 'logits' in self.special and isinstance(self.pred, Tensor): self._keep('logits', self.pred)
+        if self._mode == 'predict' and self._explaining: self._explain()   # no labels, maybe no loss: explain here
 
     def after_loss(self):
         if self._snap is None: return
         for i,y in enumerate(self.yb):
             if 'target' in self.special and isinstance(y, Tensor): self._keep('target' if i == 0 else f'target.{i}', y)
         if len(self.yb) and isinstance(self.learn.loss, Tensor): self._keep('loss', self.learn.loss)
-        if not (self.training or self._explaining): return
+        if not (self.training or self._explaining) or self._mode == 'predict': return
         for n,m in self.bns:                     # after the forward pass (running stats updated), before the step
             for k in ('running_mean', 'running_var', 'weight', 'bias'):
                 if isinstance(getattr(m, k, None), Tensor): self._keep(f'{n}.{k}', getattr(m, k))
@@ -217,8 +244,8 @@ class SnapshotCallback(HookCallback):
         if self._explaining: self._explain()
 
     def _target(self) -> tuple:
-        "What an explained batch explains (see `target`) and, in words, where it comes from"
-        if self.target in (None, 'pred'): return None,'pred'
+        "What an explained batch explains (see `target`) and, in words, where it comes from; at inference the prediction"
+        if self.target in (None, 'pred') or self._mode == 'predict': return None,'pred'
         if self.target != 'label': return self.target,'given'
         y,p = (self.yb[0] if len(self.yb) else None),self.pred
         ok = (isinstance(y, Tensor) and isinstance(p, Tensor) and y.dim() == 1 and p.dim() == 2 and len(y) == len(p)
@@ -230,9 +257,11 @@ class SnapshotCallback(HookCallback):
         t,how = self._target()
         try: self._explained_meta = self.explain_batch(self.xb[0], t, self._keep, how)
         except Exception as e:                   # the fit goes on; the step is saved without explanation
-            self.explaining = self._explaining = False
-            warnings.warn(f"SnapshotCallback could not explain validation batch {self._snap} ({type(e).__name__}: {e}); "
-                          "validation steps are saved without explanation for the rest of this fit (see `explain=`)")
+            self._explaining = False
+            if self._mode != 'predict': self.explaining = False
+            what = 'validation' if self._mode == 'valid' else 'inference'
+            warnings.warn(f"SnapshotCallback could not explain {what} batch {self._snap} ({type(e).__name__}: {e}); "
+                          f"{what} steps are saved without explanation{' for the rest of this fit' if self._mode != 'predict' else ''} (see `explain=`)")
 
     def explain_batch(self, xb:Tensor, # A batch (B,C,H,W) on the model's device
                   target, # As `methods.explained_backward` takes it
@@ -325,23 +354,34 @@ class SnapshotCallback(HookCallback):
         self._log(msg)
 
     def _within_budget(self, ts:dict) -> bool:
-        "Count the bytes of `ts`; past `max_bytes`, stop saving (with a warning) and say False"
-        nb = _nbytes(ts)
-        if self.max_bytes is not None and self.n_bytes + nb > self.max_bytes:
-            self.stopped = True
-            n = sum(1 for _ in self.writer.parts)
+        "Count the bytes of `ts` (per run); past `max_bytes`, stop saving to that run (with a warning) and say False"
+        nb,pred = _nbytes(ts),self._mode == 'predict'
+        used = self.predict_bytes if pred else self.n_bytes
+        if self.max_bytes is not None and used + nb > self.max_bytes:
+            if pred: self.predict_stopped = True
+            else: self.stopped = True
+            n = sum(1 for _ in self._writer().parts)
             warnings.warn(f"SnapshotCallback stops saving: {self._mode} step {self._snap} ({_fmt_bytes(nb)}) would take the run in "
-                          f"{str(self.writer.path)!r} past max_bytes={_fmt_bytes(self.max_bytes)}; {n} steps "
-                          f"({_fmt_bytes(self.n_bytes)}) are written and the run stays readable. To save more: raise max_bytes=, or "
-                          "save less (fewer layers in include=, a larger every= or valid_every=, dtype=torch.float16, explain=False)")
+                          f"{str(self._writer().path)!r} past max_bytes={_fmt_bytes(self.max_bytes)}; {n} steps "
+                          f"({_fmt_bytes(used)}) are written and the run stays readable. To save more: raise max_bytes=, or "
+                          "save less (fewer layers in include=, a larger every=, valid_every= or predict_every=, dtype=torch.float16, explain=False)")
             return False
-        self.n_bytes += nb
+        if pred: self.predict_bytes += nb
+        else: self.n_bytes += nb
         return True
+
+    def _writer(self) -> SnapshotWriter: return self.predict_writer if self._mode == 'predict' else self.writer
 
     def after_batch(self):
         if self._snap is None: return
         try:
             ts = self._tensors()
+            if self._mode == 'predict':
+                if self.predict_stopped or not self._within_budget(ts): return
+                meta = dict(ids=self._batch_ids)
+                if self._explaining: meta['explained'] = self._explained_meta
+                self.predict_writer.write_step('predict', self._snap, ts, meta=meta, wait=True)
+                return
             if not self._announced: self._announce(ts)
             if not self._within_budget(ts): return
             ready = None
@@ -381,6 +421,10 @@ class SnapshotCallback(HookCallback):
     def after_cancel_fit(self):      self._clear(); self.cancelled = True
     def after_fit(self):
         self._clear()
+        if self._predicting:                     # the end of a get_preds/predict call: the predict run goes on
+            self._predicting = False
+            self.predict_path = self.predict_writer.path
+            return
         if self.writer is None: return
         w,self.writer = self.writer,None
         self.run_path = w.path                   # the run folder this fit wrote
@@ -394,6 +438,22 @@ class SnapshotCallback(HookCallback):
         if p is None: raise ValueError("no run yet: fit with this callback first (runs are written only inside `fit`)")
         return Trial(p)
 
+    def predict_trial(self) -> Trial:
+        "A `Trial` on the run of the inference steps (`predict_every=`), also while it goes on"
+        p = getattr(self, 'predict_path', None) if self.predict_writer is None else self.predict_writer.path
+        if p is None: raise ValueError("no inference run yet: with predict_every=N, learn.get_preds() and learn.predict() write one")
+        return Trial(p)
+
+    def end_predict(self) -> Path|None:
+        "Close the run of the inference steps with its end marker and return its folder; the next `get_preds`/`predict` starts a new one"
+        w,self.predict_writer = self.predict_writer,None
+        if w is None: return getattr(self, 'predict_path', None)
+        self.predict_path = w.path
+        w.close(ended=True, meta=dict(predict_steps=self.predict_count))
+        return w.path
+
     def __del__(self):
-        try: self._clear()
+        try:
+            self._clear()
+            if self.predict_writer is not None: self.predict_writer.close(ended=False)
         except Exception: pass

@@ -150,6 +150,7 @@ def test_adversarial_story(signs, tmp_path):
     assert n['eps'][1]['to_target'] > n['eps'][0]['to_target'] and n['eps'][1]['accuracy_fgsm'] < n['accuracy_clean']
     assert any(v['kind'] == 'class_share' and v['cls'] == signs.stop for v in n['burst_flagged'])
     assert set(n['maps']) == {'gradcam', 'fullgrad'} and n['maps']['fullgrad']['n'] == n['n_flipped'] > 0
-    assert set(res['figures']) == {'attack', 'check', 'accuracy'} and len(res['figures']['attack'].axes) == 2*5
+    assert set(res['figures']) == {'attack', 'check', 'accuracy', 'flagged'} and len(res['figures']['attack'].axes) == 2*5
+    assert n['n_flagged_requests'] > 0 and len(res['figures']['flagged'].axes) == 2*4      # clean and served, image and map
     assert [h['ok'] for h in read_history(tmp_path/'story'/'checks')] == [True, False]
     import matplotlib.pyplot as plt; plt.close('all')

@@ -113,3 +113,22 @@ def test_origin_style_reading_runs_unchanged(tmp_path):
 def test_new_defaults():
     cb = SnapshotCallback('x')
     assert (cb.valid_every, cb.explain, cb.target, cb.max_bytes) == (None, True, 'label', 4*2**30)
+
+def test_inference_steps_are_explained_and_found_by_id(tmp_path):
+    "SnapshotCallback(predict_every=1): get_preds batches become 'predict' steps whose store-made maps equal the in-process ones"
+    torch.manual_seed(0)
+    model = timm.create_model('efficientnet_lite0', pretrained=False, num_classes=4)
+    learn,_ = fit_snap(model, tmp_path, every=0, valid_every=0, predict_every=1, include=['input', 'logits', 'blocks.2'])
+    dl = learn.dls.valid.new(bs=3, shuffle=False)
+    with learn.no_bar(), warnings.catch_warnings():
+        warnings.simplefilter('ignore', FullGradGapWarning)
+        preds,_ = learn.get_preds(dl=dl)
+    t = learn.snapshot.predict_trial()
+    assert t.steps(mode='predict') == [0, 1, 2] and t.meta(1, 'predict')['ids'] == [3, 4, 5]   # dataset indices
+    x = t.tensor('input').value(1, mode='predict')
+    assert torch.equal(t.tensor('explained_class').value(1, mode='predict'), preds[3:6].argmax(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FullGradGapWarning)
+        assert (t.fullgrad(1, mode='predict') - fullgrad(learn.model, x, target=preds[3:6].argmax(1))).abs().max() <= 1e-5
+    assert (t.gradcam('blocks.2', 1, mode='predict') - gradcam(learn.model, x, 'blocks.2', target=preds[3:6].argmax(1))).abs().max() <= 1e-5
+    assert t.find_items([4, 7, 99]) == {4: (1, 1), 7: (2, 1)}
