@@ -13,7 +13,8 @@ from .data import synth_signs, synth_signs_dls, read_boxes
 from .snapshot import SnapshotCallback
 from .saliency import FullGradCallback, GradCAMCallback
 from .store import Trial
-from .evaluate import pointing_curve, plot_pointing_curve, box_area_share, valid_boxes
+from .scoring import box_area_share
+from .evaluate import pointing_curve, plot_pointing_curve, valid_boxes
 import fastai_saliency.learner   # Learner.show_layer_heatmaps
 
 # %% auto #0
