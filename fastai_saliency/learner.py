@@ -232,24 +232,33 @@ def _pair_panels(r, vocab, first_titles) -> tuple:
     return maps,titles
 
 # %% ../nbs/08_learner.ipynb #1dc90058
+def _heatmap_top_losses(interp, k, largest:bool=True,
+                        method='gradcam', # 'gradcam', 'fullgrad', 'cam' or a function `(model, xb, target) -> maps`
+                        layer=None, # The layer of 'gradcam' and 'cam'; None: the last conv block
+                        ncols:int=2, # Images per row
+                        cmap='jet', alpha:float=0.5,
+                        size:float=2.0, # Size of one panel in inches
+                       ):
+    "The figure of `plot_top_losses(heatmap=True)`"
+    if isinstance(k, numbers.Integral): losses,idx = interp.top_losses(int(k), largest)
+    else: losses,idx = (o[list(k)] for o in interp.top_losses(None, largest))
+    r = _pred_true_maps(interp, idx.tolist(), method, layer)
+    first = [f"{interp.vocab[int(r.pred[j])]}/{interp.vocab[int(r.y[j])]} / {l.item():.2f} / {r.probs[j].max().item():.2f}"
+             for j,l in enumerate(losses)]
+    maps,titles = _pair_panels(r, interp.vocab, first)
+    return show_item_maps(r.xb, maps, titles, ncols=ncols, stats=dls_norm(interp.learn.dls), cmap=cmap, alpha=alpha,
+                          size=size, suptitle=f"Prediction/Actual/Loss/Probability, {r.what}")
+
+# %% ../nbs/08_learner.ipynb #19314620
 @patch
+@delegates(_heatmap_top_losses, keep=True, but=['interp', 'k', 'largest'])
 def plot_top_losses(self:ClassificationInterpretation, k, # Number of losses to plot, or which of them (a list or range)
                     largest:bool=True, # Sort losses by largest or smallest
                     heatmap:bool=False, # Each image beside its map for the predicted class and, if wrong, the true class
-                    method='gradcam', # 'gradcam', 'fullgrad', 'cam' or a function `(model, xb, target) -> maps`
-                    layer=None, # The layer of 'gradcam' and 'cam'; None: the last conv block
-                    ncols:int=2, # Images per row (with `heatmap`)
-                    cmap='jet', alpha:float=0.5, size:float=2.0, **kwargs):
-    "fastai's `plot_top_losses`; with `heatmap=True`, saliency maps of the predicted and the true class beside each image"
+                    **kwargs): # With `heatmap`: the options below; without: fastai's own (`nrows`, `ncols`, `figsize`, ...)
+    "fastai's `plot_top_losses`, untouched; with `heatmap=True`, saliency maps of the predicted and the true class beside each image"
     if not heatmap: return _fastai_plot_top_losses(self, k, largest, **kwargs)
-    if isinstance(k, numbers.Integral): losses,idx = self.top_losses(int(k), largest)
-    else: losses,idx = (o[list(k)] for o in self.top_losses(None, largest))
-    r = _pred_true_maps(self, idx.tolist(), method, layer)
-    first = [f"{self.vocab[int(r.pred[j])]}/{self.vocab[int(r.y[j])]} / {l.item():.2f} / {r.probs[j].max().item():.2f}"
-             for j,l in enumerate(losses)]
-    maps,titles = _pair_panels(r, self.vocab, first)
-    return show_item_maps(r.xb, maps, titles, ncols=ncols, stats=dls_norm(self.learn.dls), cmap=cmap, alpha=alpha, size=size,
-                          suptitle=f"Prediction/Actual/Loss/Probability, {r.what}")
+    return _heatmap_top_losses(self, k, largest, **kwargs)
 
 # %% ../nbs/08_learner.ipynb #faed50ef
 ClassificationInterpretation.plot_top_losses.fastai_original = _fastai_plot_top_losses

@@ -24,6 +24,9 @@ def test_without_heatmap_it_is_fastais_plot(interp):
     Interpretation.plot_top_losses(interp, 4)
     assert titles(plt.gcf()) == ours and len([t for t in ours if t]) == 4
     plt.close('all')
+    interp.plot_top_losses(4, ncols=4, cmap='gray')                # fastai's own keyword arguments reach it
+    assert len({round(a.get_position().y0, 3) for a in plt.gcf().axes if a.images}) == 1     # one row of four
+    plt.close('all')
 
 @pytest.mark.parametrize('method,layer', [('gradcam', '0.6'), ('fullgrad', None)])
 def test_heatmaps_of_predicted_and_true_class(interp, signs_learner, method, layer):
