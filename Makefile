@@ -20,11 +20,12 @@ DEMO_OUT := demo_out
 
 .PHONY: demo test venv export check-export nbtest pytest compat clean
 
-$(VENV)/.installed: requirements-dev.txt settings.ini setup.py
+$(VENV)/.installed: requirements-dev.txt requirements-xcheck.txt settings.ini setup.py
 	@echo "==> Setting up $(VENV) with the pinned development stack (first time: a few minutes)"
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	$(VENV)/bin/pip install -q --no-deps -r requirements-xcheck.txt
 	$(VENV)/bin/pip install -q --no-deps -e .
 	@touch $@
 

@@ -8,6 +8,7 @@ from .learn_io import *
 from .methods import *
 from .plot import *
 from .snapshot import *
+from .scoring import *
 from .saliency import *
 from .learner import *
 from .replay import *

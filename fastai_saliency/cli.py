@@ -11,12 +11,14 @@ from fastai.vision.all import *
 import html as _html
 from .data import synth_signs, synth_signs_dls, read_boxes
 from .snapshot import SnapshotCallback
-from .saliency import FullGradCallback, GradCAMCallback
+from .scoring import box_area_share, random_map
+from .saliency import SaliencyCallback, FullGradCallback, GradCAMCallback
 from .store import Trial
-from .evaluate import pointing_curve, plot_pointing_curve, box_area_share, valid_boxes
-import fastai_saliency.learner   # Learner.show_layer_heatmaps
+from .evaluate import plot_pointing_curve
+import fastai_saliency.learner   # Learner.show_layer_heatmaps, ClassificationInterpretation.plot_top_losses(heatmap=True)
 import sys
 from .monitor import check_capture
+
 
 # %% auto #0
 __all__ = ['MONITOR_VIOLATIONS', 'add_monitor_parser', 'demo_parser', 'save_samples', 'save_training_stats', 'write_report',
@@ -89,9 +91,12 @@ def save_training_stats(trial:Trial, fname, stages=('0.5', '0.6', '0.7')):
     fig.tight_layout(); _save(fname)
 
 # %% ../nbs/13_cli.ipynb #10e0668d
-_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>fastai_saliency demo</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}} img{{max-width:100%;border:1px solid #ddd}}
-table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} h2{{margin-top:1.6em}}</style>
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>fastai_saliency demo</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+img{{max-width:100%;height:auto;border:1px solid #ddd;box-sizing:border-box}} code{{overflow-wrap:anywhere}}
+table{{border-collapse:collapse;margin:.5em 0;font-size:90%}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+h2{{margin-top:1.6em}}</style>
 </head><body><h1>What the resnet18 looks at while it learns</h1>
 <p>SynthSigns ({n_img} images of {size} px, {n_cls} classes), resnet18 trained from scratch for {epochs} epochs on {device}
 in {seconds:.0f} s. Validation accuracy <b>{acc:.1%}</b> (valid loss {loss:.3f}).</p>
@@ -100,17 +105,30 @@ in {seconds:.0f} s. Validation accuracy <b>{acc:.1%}</b> (valid loss {loss:.3f})
 <h2>Pointing game</h2><p>Share of the probes whose map peaks on the sign (its box grown by 15% of the image side);
 chance (the share of the image the grown boxes cover) is {chance:.2f}.</p><img src="pointing.png" alt="pointing game">
 {table}
+<h2>Are the maps faithful to the model?</h2><p>Deletion: the probes' pixels are replaced by the mean colour, those the
+map ranks highest first, and the area under the probability of the class the map explains is taken (lower is better).
+Insertion: the pixels are revealed on a blurred copy of the image, highest first (higher is better). A random order of
+the pixels is the floor. Scored on the {n_probes} probes at every frame, {steps} steps per curve.</p>
+<img src="faithfulness.png" alt="deletion and insertion along training">
+{faith_table}
+<h2>Where the trained model fails</h2><p>The validation images with the largest loss, each with its Grad-CAM map (at
+<code>'0.5'</code>) for the predicted class and for the true class.</p><img src="top_losses.png" alt="top losses with heatmaps">
 <h2>Along the depth of the network</h2><img src="layers.png" alt="Grad-CAM along the network">
 <h2>What the snapshot store holds</h2><p>Read back with <code>Trial('{snaps}')</code>: {n_steps} training steps.</p>
 <img src="training.png" alt="activation and gradient spread"><h2>The data</h2><img src="samples.png" alt="samples">
 </body></html>"""
 
-def write_report(fname, res:dict, curves:dict):
-    "A static page `fname` with the demo's pictures, accuracy and pointing-game numbers"
+def _table(curves:dict) -> str:
+    "An HTML table, a row per curve (label -> values by epoch)"
     rows = ''.join(f"<tr><th>{_html.escape(k)}</th>" + ''.join(f"<td>{v:.2f}</td>" for v in c) + "</tr>" for k,c in curves.items())
     n = max(len(c) for c in curves.values())
-    table = f"<table><tr><th>epoch</th>{''.join(f'<th>{e}</th>' for e in range(n))}</tr>{rows}</table>"
-    Path(fname).write_text(_PAGE.format(table=table, snaps=_html.escape(str(res['snapshots'])), **res))
+    return f"<table><tr><th>epoch</th>{''.join(f'<th>{e}</th>' for e in range(n))}</tr>{rows}</table>"
+
+def write_report(fname, res:dict, curves:dict, faithfulness:dict):
+    "A static page `fname` with the demo's pictures, accuracy, pointing-game and faithfulness numbers"
+    faith = {f"{k}, {m}": v for k,d in faithfulness.items() for m,v in d.items()}
+    Path(fname).write_text(_PAGE.format(table=_table(curves), faith_table=_table(faith),
+                                        snaps=_html.escape(str(res['snapshots'])), **res))
 
 # %% ../nbs/13_cli.ipynb #80842d62
 def run_demo(out='demo_out', epochs:int=4, size:int=64, n_per_class:int=200, seed:int=0, cpu:bool=False,
@@ -128,18 +146,26 @@ def run_demo(out='demo_out', epochs:int=4, size:int=64, n_per_class:int=200, see
     bs = min(64, max(2, n_train//4))                   # tiny data sets (tests) still get a few batches per epoch
     dls = synth_signs_dls(path, bs=bs, num_workers=0, device=device)
     save_samples(dls, out/'samples.png')
-    fg,gc = FullGradCallback(n=n_probes, store=out/'saliency'),GradCAMCallback('0.5', n=n_probes)
+    scores,steps = ('pointing', 'deletion', 'insertion'),16
+    fg = FullGradCallback(n=n_probes, store=out/'saliency', metrics=scores, metric_steps=steps)
+    gc = GradCAMCallback('0.5', n=n_probes, metrics=scores, metric_steps=steps)
+    rnd = SaliencyCallback(random_map, n=n_probes, metrics=scores[1:], metric_steps=steps)   # the floor: a random order
     snap = SnapshotCallback(out/'snapshots', every=len(dls.train), valid_every=0, dtype=torch.float16,   # once an epoch
                             include=['0.5', '0.6', '0.7', 'logits', 'target'])
-    learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy, cbs=[fg, gc, snap])
+    learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy, cbs=[fg, gc, rnd, snap])
     print(f"Training resnet18 from scratch for {epochs} epochs on {device}, with FullGrad and Grad-CAM of {n_probes} probes "
           f"({time.time() - t0:.0f} s so far)")
     learn.fit_one_cycle(epochs, 3e-3)
-    loss,acc = learn.validate()
+    dl = dls.valid.new(shuffle=False, drop_last=False)       # one pass over the validation set for the numbers and the top losses
+    with learn.no_bar(): preds,targs,losses = learn.get_preds(dl=dl, with_loss=True)
+    loss,acc = losses.mean().item(),(preds.argmax(1) == targs).float().mean().item()    # what learn.validate() gives
+    interp = ClassificationInterpretation(learn, dl, losses)
     print(f"Writing the pictures ({time.time() - t0:.0f} s so far)")
-    boxes = valid_boxes(path, fg.item_idxs)
-    curves = {'FullGrad (localising)': pointing_curve(fg.maps, boxes), "Grad-CAM at '0.5'": pointing_curve(gc.maps, boxes)}
-    chance = box_area_share(boxes, (size, size))
+    scored = {'FullGrad (localising)': fg, "Grad-CAM at '0.5'": gc}
+    curves = {k: cb.metrics.pointing.tolist() for k,cb in scored.items()}
+    faith = {k: dict(deletion=cb.metrics.deletion.tolist(), insertion=cb.metrics.insertion.tolist())
+             for k,cb in {**scored, 'random order': rnd}.items()}
+    chance = box_area_share(fg.probe_boxes, (size, size))
     fg.save_gif(out/'evolution.gif', fps=1.5)
     fg.show_frames(); _save(out/'frames.png')
     gc.show_frames(); _save(out/'frames_gradcam.png')
@@ -147,18 +173,23 @@ def run_demo(out='demo_out', epochs:int=4, size:int=64, n_per_class:int=200, see
     ax = None
     for k,c in curves.items(): ax = plot_pointing_curve(c, fg.epochs, ax=ax, label=k)
     ax.axhline(chance, ls='--', c='grey', label='chance'); ax.legend(loc='lower right'); _save(out/'pointing.png')
+    gc.plot_metrics(others={'FullGrad (localising)': fg, 'random order': rnd}, metrics=['deletion', 'insertion'],
+                    label="Grad-CAM at '0.5'"); _save(out/'faithfulness.png')
+    interp.plot_top_losses(6, heatmap=True, layer='0.5', ncols=3); _save(out/'top_losses.png')
     trial = snap.trial()
     save_training_stats(trial, out/'training.png')
-    files = ['evolution.gif', 'frames.png', 'frames_gradcam.png', 'layers.png', 'pointing.png', 'training.png',
-             'samples.png', 'report.html', 'results.json']
+    files = ['evolution.gif', 'frames.png', 'frames_gradcam.png', 'layers.png', 'pointing.png', 'faithfulness.png',
+             'top_losses.png', 'training.png', 'samples.png', 'report.html', 'results.json']
     res = dict(accuracy=float(acc), valid_loss=float(loss), epochs=epochs, size=size, n_per_class=n_per_class,
                seed=seed, device=str(device), seconds=round(time.time() - t0, 1), pointing=curves, chance=chance,
-               probes=fg.item_idxs, snapshots=str(trial.path), n_steps=len(trial.steps(mode='train')), files=files)
+               faithfulness=faith, probes=fg.item_idxs, snapshots=str(trial.path), n_steps=len(trial.steps(mode='train')),
+               files=files)
     write_report(out/'report.html', dict(res, acc=res['accuracy'], loss=res['valid_loss'], n_img=len(df),
-                                         n_cls=dls.c), curves)
+                                         n_cls=dls.c, n_probes=n_probes, steps=steps), curves, faith)
     (out/'results.json').write_text(json.dumps(res, indent=2))
-    c = curves["Grad-CAM at '0.5'"]
+    c,d = curves["Grad-CAM at '0.5'"],faith["Grad-CAM at '0.5'"]['deletion']
     print(f"Validation accuracy {acc:.3f}; Grad-CAM maps on the sign: {c[0]:.0%} before training, {c[-1]:.0%} after; "
+          f"deletion area {d[0]:.2f} -> {d[-1]:.2f} (random order {faith['random order']['deletion'][-1]:.2f}); "
           f"wrote {', '.join(files)} to {out} in {res['seconds']:.0f} s")
     return res
 

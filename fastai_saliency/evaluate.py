@@ -8,44 +8,10 @@ import numpy as np
 import torch
 from torch import Tensor
 from .data import read_boxes
+from .scoring import pointing_game
 
 # %% auto #0
-__all__ = ['pointing_hits', 'pointing_game', 'pointing_curve', 'plot_pointing_curve', 'box_area_share', 'valid_boxes']
-
-# %% ../nbs/11_evaluate.ipynb #26a8759f
-def _as_boxes(boxes, n):
-    b = torch.as_tensor(np.asarray(boxes, dtype=np.float64)).reshape(-1, 4)
-    if len(b) == 1 and n > 1: b = b.expand(n, 4)
-    if len(b) != n: raise ValueError(f"got {len(b)} boxes for {n} maps: give one (x1,y1,x2,y2) box per map")
-    if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any(): raise ValueError("boxes must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1")
-    return b
-
-# %% ../nbs/11_evaluate.ipynb #ab411d51
-def pointing_hits(maps, # (N,H,W) heatmaps (any scale)
-                  boxes, # (N,4) boxes `(x1,y1,x2,y2)`, in pixels of an image of size `img_size`
-                  tol:float=0.15, # Grow each box by this share of the image side on every side
-                  img_size=None, # `(H,W)` of the images the boxes refer to; default: the maps' size
-                 ) -> Tensor:
-    "Boolean tensor (N,): does each map's maximum fall inside its box grown by `tol`? (A flat map is a miss)"
-    maps = torch.as_tensor(maps)
-    if maps.ndim == 2: maps = maps[None]
-    if maps.ndim != 3: raise ValueError(f"maps must be (N,H,W) or (H,W), got shape {tuple(maps.shape)}")
-    N,H,W = maps.shape
-    if torch.isnan(maps).any(): raise ValueError("maps contain NaN")
-    b = _as_boxes(boxes, N)
-    ih,iw = (H, W) if img_size is None else img_size
-    idx = maps.reshape(N, -1).argmax(1)
-    py,px = (idx // W).double(), (idx % W).double()
-    # centre of the peak pixel, in the boxes' pixel units
-    x,y = (px + .5)*iw/W, (py + .5)*ih/H
-    tx,ty = tol*iw, tol*ih
-    flat = maps.reshape(N, -1).amax(1) <= maps.reshape(N, -1).amin(1)     # the same everywhere: points nowhere
-    return (x >= b[:, 0]-tx) & (x <= b[:, 2]+tx) & (y >= b[:, 1]-ty) & (y <= b[:, 3]+ty) & ~flat
-
-# %% ../nbs/11_evaluate.ipynb #2c1ccf11
-def pointing_game(maps, boxes, tol:float=0.15, img_size=None) -> float:
-    "Share of `maps` whose peak falls in its box grown by `tol` of the image size"
-    return pointing_hits(maps, boxes, tol=tol, img_size=img_size).double().mean().item()
+__all__ = ['pointing_curve', 'plot_pointing_curve', 'valid_boxes']
 
 # %% ../nbs/11_evaluate.ipynb #24871b99
 def pointing_curve(frames, # (F,N,H,W) maps of the same N probes at F moments of training
@@ -65,15 +31,6 @@ def plot_pointing_curve(scores, xs=None, ax=None, label='pointing game', title=N
     if title: ax.set_title(title)
     ax.legend(loc='lower right'); ax.grid(alpha=.3)
     return ax
-
-# %% ../nbs/11_evaluate.ipynb #bde7a9ae
-def box_area_share(boxes, img_size, tol:float=0.15) -> float:
-    "Chance level of the pointing game: mean share of the image covered by the grown boxes"
-    b = _as_boxes(boxes, len(np.asarray(boxes).reshape(-1, 4)))
-    ih,iw = img_size
-    w = ((b[:, 2] + tol*iw).clamp(max=iw) - (b[:, 0] - tol*iw).clamp(min=0))
-    h = ((b[:, 3] + tol*ih).clamp(max=ih) - (b[:, 1] - tol*ih).clamp(min=0))
-    return (w*h/(iw*ih)).mean().item()
 
 # %% ../nbs/11_evaluate.ipynb #a3f87706
 def valid_boxes(path, # A `synth_signs` folder (or its labels.csv)

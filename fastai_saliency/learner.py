@@ -192,3 +192,120 @@ def show_layer_heatmaps(self:Learner, item=0, # A validation index, a file, a PI
     fig.suptitle(f"{_LAYER_METHODS[method]} per layer. Predicted: {titles[0].replace(chr(10), ', ')}")
     fig.tight_layout()
     return fig
+
+# %% ../nbs/08_learner.ipynb #7913934e
+from fastai.torch_core import to_device
+from fastai.interpret import ClassificationInterpretation
+import numbers
+from fastcore.basics import AttrDict
+from .plot import show_item_maps
+
+# %% ../nbs/08_learner.ipynb #23ff1301
+_fastai_plot_top_losses = getattr(ClassificationInterpretation.plot_top_losses, 'fastai_original',
+                                  ClassificationInterpretation.plot_top_losses)   # fastai's own, before the patch below
+
+# %% ../nbs/08_learner.ipynb #8c9b22e3
+def _interp_batch(interp, idxs) -> tuple:
+    "The normalised batch of items `idxs` of `interp.dl` on its device, and their targets"
+    dl = interp.dl
+    b = dl.after_batch(to_device(dl.do_batch([dl.do_item(int(i)) for i in idxs]), dl.device))
+    if len(b) < 2 or b[1].dim() != 1: raise ValueError("heatmaps need single-label classification: one class per item")
+    return b[0],b[1].as_subclass(Tensor).long()
+
+# %% ../nbs/08_learner.ipynb #a7a65fb6
+def _class_maps(learn:Learner, xb, method, layer, target) -> tuple:
+    "Maps (B,H,W) of `method` for the classes `target`, and the method's name for titles"
+    model = _model(learn)
+    if callable(method): return method(model, xb, target),getattr(method, '__name__', 'saliency')
+    if method == 'gradcam':
+        name = methods.layer_name(model, layer)
+        return methods.gradcam(model, xb, name, target=target),f"Grad-CAM at {name!r}"
+    if method == 'fullgrad':
+        if layer is not None: raise ValueError("FullGrad uses every layer: layer must be None")
+        return methods.fullgrad(model, xb, target=target),'FullGrad'
+    if method == 'cam': return methods.cam(model, xb, layer=layer, target=target),'CAM'
+    raise ValueError(f"method must be 'gradcam', 'fullgrad', 'cam' or a function (model, xb, target) -> maps, not {method!r}")
+
+# %% ../nbs/08_learner.ipynb #58598886
+def _pred_true_maps(interp, idxs, method, layer) -> AttrDict:
+    "For items `idxs` of `interp.dl`: batch, probabilities, predicted and true classes, the maps of both, the method's name"
+    xb,y = _interp_batch(interp, idxs)
+    model = _model(interp.learn)
+    probs = methods.model_logits(model, xb).softmax(1)
+    pred = probs.argmax(1)
+    mp,what = _class_maps(interp.learn, xb, method, layer, pred)
+    mt,_ = _class_maps(interp.learn, xb, method, layer, y.to(pred.device))
+    return AttrDict(xb=xb.cpu(), probs=probs.cpu(), pred=pred.cpu(), y=y.cpu(), pred_maps=mp.cpu(), true_maps=mt.cpu(), what=what)
+
+# %% ../nbs/08_learner.ipynb #3a073108
+def _pair_panels(r, vocab, first_titles) -> tuple:
+    "Maps and titles for `show_item_maps`: each image, its map for the predicted class, and for the true class where it differs"
+    maps,titles = [],[]
+    for k in range(len(r.xb)):
+        p,y = int(r.pred[k]),int(r.y[k])
+        maps.append([r.pred_maps[k], r.true_maps[k] if p != y else None])
+        titles.append([first_titles[k], f"map for {vocab[p]}\n(predicted)", f"map for {vocab[y]}\n(true)"])
+    return maps,titles
+
+# %% ../nbs/08_learner.ipynb #1dc90058
+def _heatmap_top_losses(interp, k, largest:bool=True,
+                        method='gradcam', # 'gradcam', 'fullgrad', 'cam' or a function `(model, xb, target) -> maps`
+                        layer=None, # The layer of 'gradcam' and 'cam'; None: the last conv block
+                        ncols:int=2, # Images per row
+                        cmap='jet', alpha:float=0.5,
+                        size:float=2.0, # Size of one panel in inches
+                       ):
+    "The figure of `plot_top_losses(heatmap=True)`"
+    if isinstance(k, numbers.Integral): losses,idx = interp.top_losses(int(k), largest)
+    else: losses,idx = (o[list(k)] for o in interp.top_losses(None, largest))
+    r = _pred_true_maps(interp, idx.tolist(), method, layer)
+    first = [f"{interp.vocab[int(r.pred[j])]}/{interp.vocab[int(r.y[j])]} / {l.item():.2f} / {r.probs[j].max().item():.2f}"
+             for j,l in enumerate(losses)]
+    maps,titles = _pair_panels(r, interp.vocab, first)
+    return show_item_maps(r.xb, maps, titles, ncols=ncols, stats=dls_norm(interp.learn.dls), cmap=cmap, alpha=alpha,
+                          size=size, suptitle=f"Prediction/Actual/Loss/Probability, {r.what}")
+
+# %% ../nbs/08_learner.ipynb #19314620
+@patch
+@delegates(_heatmap_top_losses, keep=True, but=['interp', 'k', 'largest'])
+def plot_top_losses(self:ClassificationInterpretation, k, # Number of losses to plot, or which of them (a list or range)
+                    largest:bool=True, # Sort losses by largest or smallest
+                    heatmap:bool=False, # Each image beside its map for the predicted class and, if wrong, the true class
+                    **kwargs): # With `heatmap`: the options below; without: fastai's own (`nrows`, `ncols`, `figsize`, ...)
+    "fastai's `plot_top_losses`, untouched; with `heatmap=True`, saliency maps of the predicted and the true class beside each image"
+    if not heatmap: return _fastai_plot_top_losses(self, k, largest, **kwargs)
+    return _heatmap_top_losses(self, k, largest, **kwargs)
+
+# %% ../nbs/08_learner.ipynb #faed50ef
+ClassificationInterpretation.plot_top_losses.fastai_original = _fastai_plot_top_losses
+
+# %% ../nbs/08_learner.ipynb #824ba0cb
+@patch
+def plot_confused_heatmaps(self:ClassificationInterpretation, n_pairs:int=3, # How many of the most confused pairs
+                           n_images:int=2, # Images per pair, highest loss first
+                           min_val:int=1, # Pairs confused at least this often (as `most_confused`)
+                           method='gradcam', # 'gradcam', 'fullgrad', 'cam' or a function `(model, xb, target) -> maps`
+                           layer=None, # The layer of 'gradcam' and 'cam'; None: the last conv block
+                           cmap='jet', alpha:float=0.5, size:float=1.8):
+    "A row per most confused (actual, predicted) pair: its images with the maps of both classes; returns the figure"
+    pairs = self.most_confused(min_val)[:n_pairs]
+    if not pairs: raise ValueError(f"no two classes are confused {min_val} times or more: nothing to show")
+    _,targs,decoded = self.learn.get_preds(dl=self.dl, with_decoded=True, act=self.act)
+    o2i = {v:i for i,v in enumerate(self.vocab)}
+    rows = []
+    for a,p,_ in pairs:
+        sel = ((targs == o2i[a]) & (decoded == o2i[p])).nonzero()[:, 0]
+        rows.append(sel[self.losses[sel].argsort(descending=True)][:n_images].tolist())
+    n = max(len(r) for r in rows)
+    idxs = [i for r in rows for i in r]
+    r = _pred_true_maps(self, idxs, method, layer)
+    first = [f"{self.vocab[int(r.y[j])]} -> {self.vocab[int(r.pred[j])]}\nloss {self.losses[i].item():.2f}" for j,i in enumerate(idxs)]
+    maps,titles = _pair_panels(r, self.vocab, first)
+    imgs,ms,ts,j = [],[],[],0                         # each pair on a row of its own: pad the short rows
+    for row in rows:
+        for c in range(n):
+            if c < len(row): imgs.append(r.xb[j]); ms.append(maps[j]); ts.append(titles[j]); j += 1
+            else: imgs.append(None); ms.append([]); ts.append([])
+    counts = ', '.join(f"{a} as {p} ({c})" for a,p,c in pairs)
+    return show_item_maps(imgs, ms, ts, ncols=n, stats=dls_norm(self.learn.dls), cmap=cmap, alpha=alpha, size=size,
+                          suptitle=f"Most confused, actual -> predicted: {counts}. {r.what}")

@@ -15,7 +15,8 @@ from PIL import Image
 
 # %% auto #0
 __all__ = ['norm_stats', 'to_image', 'blend', 'show_overlay', 'show_maps', 'FrameDrawer', 'animate', 'save_gif', 'gif_frame',
-           'write_gif', 'to_html', 'show_frames', 'plot_layer_stats', 'color_dim']
+           'write_gif', 'to_html', 'show_frames', 'show_item_maps', 'plot_metric_curves', 'plot_layer_stats',
+           'color_dim']
 
 # %% ../nbs/05_plot.ipynb #fcd2fb28
 def _np(x) -> np.ndarray:
@@ -80,13 +81,13 @@ def show_overlay(img, m, ax=None, title=None, cmap='jet', alpha:float=0.5, stats
     return art
 
 # %% ../nbs/05_plot.ipynb #8d64b710
-def _grid(n:int, ncols:int, show_image:bool, figsize=None, size:float=2.5):
+def _grid(n:int, ncols:int, show_image:bool, figsize=None, size:float=2.5, layout=None):
     "Figure and per-item `(image_ax, overlay_ax)` (image_ax None without `show_image`) for `n` items"
     per = 2 if show_image else 1
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)
     if figsize is None: figsize = (size*per*ncols, size*nrows + 0.3)
-    fig,axs = plt.subplots(nrows, per*ncols, figsize=figsize, squeeze=False)
+    fig,axs = plt.subplots(nrows, per*ncols, figsize=figsize, squeeze=False, layout=layout)
     for ax in axs.flat: ax.set_axis_off()
     pairs = [(axs[i//ncols, per*(i % ncols)] if show_image else None, axs[i//ncols, per*(i % ncols) + per - 1]) for i in range(n)]
     return fig,pairs
@@ -119,7 +120,7 @@ class FrameDrawer:
     def __init__(self, images, # The N images, as `to_image` takes them
                  stats=None, cmap='jet', alpha:float=0.5, ncols:int=2, show_image:bool=True, figsize=None, size:float=2.5):
         self.ims,self.cmap,self.alpha,self.laid_out = [to_image(img, stats) for img in images],cmap,alpha,False
-        self.fig,self.pairs = _grid(len(self.ims), ncols, show_image, figsize, size)
+        self.fig,self.pairs = _grid(len(self.ims), ncols, show_image, figsize, size, layout='constrained')
         self.arts = []
         for im,(ax_img,ax_map) in zip(self.ims, self.pairs):
             if ax_img is not None: ax_img.imshow(im)
@@ -130,14 +131,15 @@ class FrameDrawer:
              titles=None, # N titles, one per item, or None
              frame_title=None, # The figure's title, or None
             ) -> list:
-        "Draw one frame; the first one also lays the figure out, leaving room for its titles"
+        "Draw one frame; the first one also lays the figure out, leaving room for its titles (give every frame as many title lines)"
         if len(maps) != len(self.ims): raise ValueError(f"a frame has {len(maps)} maps for {len(self.ims)} images")
         for i,art in enumerate(self.arts):
             art.set_data(blend(self.ims[i], maps[i], self.cmap, self.alpha))
             if titles is not None: self.pairs[i][1].set_title(titles[i])
         if frame_title is not None: self.sup.set_text(frame_title)
-        if not self.laid_out:
-            self.fig.tight_layout(rect=None if frame_title is None else (0, 0, 1, 1 - 0.4/self.fig.get_figheight()))
+        if not self.laid_out:     # constrained layout once: titles clear of the row above and of the figure title
+            self.fig.draw_without_rendering()
+            self.fig.set_layout_engine('none')   # then frozen, so that the panels do not move between frames
             self.laid_out = True
         return self.arts
 
@@ -224,6 +226,68 @@ def show_frames(images, # The N images, as `to_image` takes them
             ax = axs[r, c]; ax.imshow(blend(im, maps_frames[f][r], cmap, alpha)); ax.set_axis_off()
             if titles is not None: ax.set_title(titles[f][r], fontsize=8)
     if suptitle is not None: fig.suptitle(suptitle)
+    return fig
+
+# %% ../nbs/05_plot.ipynb #22804bc6
+def show_item_maps(images, # N images as `to_image` takes them
+                   maps, # N lists of maps (H,W) in [0,1], shown after each image; a None map leaves its panel empty
+                   titles=None, # N lists of titles: the image's, then one per map
+                   ncols:int=2, # Items per row
+                   stats=None, cmap='jet', alpha:float=0.5,
+                   size:float=2.0, # Size of one panel in inches
+                   suptitle=None, # A title for the figure
+                  ):
+    "A grid of items, each its image followed by its maps overlaid; returns the figure"
+    images,maps = list(images),[list(m) for m in maps]
+    n = len(images)
+    if len(maps) != n: raise ValueError(f"{len(maps)} lists of maps for {n} images: give one list per image")
+    if titles is not None and len(titles) != n: raise ValueError(f"{len(titles)} lists of titles for {n} images")
+    if not n: raise ValueError("no images to show")
+    per = 1 + max(len(m) for m in maps)
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig,axs = plt.subplots(nrows, per*ncols, figsize=(size*per*ncols, (size + .45)*nrows + (.4 if suptitle else 0)),
+                           squeeze=False, layout='constrained')
+    for ax in axs.flat: ax.set_axis_off()
+    for i,(img,ms) in enumerate(zip(images, maps)):
+        row = axs[i // ncols, per*(i % ncols):per*(i % ncols) + per]
+        ts = list(titles[i]) + [None]*per if titles is not None else [None]*per
+        row[0].imshow(to_image(img, stats))
+        if ts[0]: row[0].set_title(ts[0], fontsize=8)
+        for ax,m,title in zip(row[1:], ms, ts[1:]):
+            if m is None: continue
+            show_overlay(img, m, ax=ax, cmap=cmap, alpha=alpha, stats=stats)
+            if title: ax.set_title(title, fontsize=8)
+    if suptitle: fig.suptitle(suptitle)
+    return fig
+
+# %% ../nbs/05_plot.ipynb #c630f8d4
+_METRIC_TITLES = dict(pointing='pointing game (higher is better)', deletion='deletion AUC (lower is better)',
+                      insertion='insertion AUC (higher is better)')
+
+# %% ../nbs/05_plot.ipynb #97b53c05
+def plot_metric_curves(tables:dict, # label -> DataFrame with an `epoch` column and one column per metric
+                       metrics=None, # Which metrics (columns); None: every column of the first table but epoch, iteration
+                       refs=None, # metric -> `(value, label)`: a dashed reference line, e.g. the pointing game's chance
+                       size=(3.4, 2.6), # One panel's size in inches
+                       suptitle=None, # A title for the figure
+                      ):
+    "One panel per metric, each table's column against the epoch; returns the figure"
+    if not tables: raise ValueError("no tables to plot")
+    first = next(iter(tables.values()))
+    metrics = [c for c in first.columns if c not in ('epoch', 'iteration')] if metrics is None else list(metrics)
+    if not metrics: raise ValueError("no metric columns to plot: record frames with metrics= first")
+    fig,axs = plt.subplots(1, len(metrics), figsize=(size[0]*len(metrics) + 1.6, size[1]), squeeze=False, layout='constrained')
+    for ax,m in zip(axs[0], metrics):
+        for label,df in tables.items():
+            if m in df.columns: ax.plot(df['epoch'], df[m], marker='o', ms=4, label=label)
+        if refs and m in refs: ax.axhline(refs[m][0], ls='--', c='grey', label=refs[m][1])
+        if m in _METRIC_TITLES: ax.set_ylim(-.02, 1.02)
+        ax.set_title(_METRIC_TITLES.get(m, m), fontsize=9); ax.set_xlabel('epoch'); ax.grid(alpha=.3)
+    handles = {l:h for ax in axs[0] for h,l in zip(*ax.get_legend_handles_labels())}
+    order = [l for l in tables if l in handles] + [l for l in handles if l not in tables]   # the tables first
+    fig.legend([handles[l] for l in order], order, loc='outside right upper', fontsize=8)
+    if suptitle: fig.suptitle(suptitle)
     return fig
 
 # %% ../nbs/05_plot.ipynb #a6e9f112

@@ -8,7 +8,7 @@ from fastai.basics import *
 from .hooks import model_device
 from .store import SnapshotWriter
 from .learn_io import in_main_fit, items_batch, dls_norm, default_probes, same_random_state, unwrap_model
-from . import methods, plot
+from . import methods, plot, scoring
 from matplotlib import animation
 
 # %% auto #0
@@ -32,6 +32,9 @@ class SaliencyCallback(Callback):
                  layer=None, # The layer of 'gradcam' and 'cam' (see `find_layer`); None: the last conv block
                  target='label', # 'label' (the true class where known, else the predicted one), 'pred', an int or one int per probe
                  store=None, # A folder of runs: each fit also writes its frames to a new run there (mode 'predict')
+                 metrics=None, # Scores of every frame: 'pointing', 'deletion', 'insertion', or functions (model, xb, maps, target) -> (B,)
+                 boxes=None, # The probes' boxes (N,4) in input pixels, for 'pointing'; None: from the validation DataFrame (SynthSigns)
+                 metric_steps:int=16, # Steps of each deletion and insertion curve
                  **kwargs): # Passed on to the method, e.g. `input_term=False` for FullGrad
         if not (callable(method) or method in _SALIENCY_METHODS):
             raise ValueError(f"method must be one of {_SALIENCY_METHODS} or a function (model, xb, target) -> maps; got {method!r}")
@@ -41,7 +44,8 @@ class SaliencyCallback(Callback):
         if isinstance(target, str) and target not in ('label', 'pred'):
             raise ValueError(f"target must be 'label', 'pred', None, an int or one int per probe; got {target!r}")
         if method == 'fullgrad' and layer is not None: raise ValueError("FullGrad uses every layer: layer must be None")
-        store_attr('method,items,n,every,layer,target,store,kwargs')
+        self.frame_metrics = _frame_metrics(metrics, metric_steps)
+        store_attr('method,items,n,every,layer,target,store,boxes,metric_steps,kwargs')
         self.probe_xb = self.writer = None
         self.reset()
 
@@ -53,6 +57,7 @@ class SaliencyCallback(Callback):
     def reset(self):
         "Forget the frames (the probes are kept)"
         self._maps,self._logits,self._targets,self.frames,self.iters_done,self._seen = [],[],[],[],0,0
+        self._scores = {k:[] for k in self.frame_metrics}
 
     @property
     def method_name(self) -> str:
@@ -69,6 +74,7 @@ class SaliencyCallback(Callback):
         self.vocab = getattr(self.dls, 'vocab', None)
         if self.method == 'gradcam' or (self.method == 'cam' and self.layer is not None):
             self.layer = methods.layer_name(self.model, self.layer)   # a name, also for a module or regex
+        self._setup_scores()
 
     def before_fit(self):
         self.run = in_main_fit(self.learn)
@@ -119,11 +125,14 @@ class SaliencyCallback(Callback):
         self._maps.append(maps.to('cpu', torch.float16)); self._logits.append(logits.cpu()); self._targets.append(t.cpu())
         probs = logits.softmax(1)
         info.update(preds=probs.argmax(1).tolist(), probs=[round(v, 4) for v in probs.max(1).values.tolist()])
+        scores = self._score_frame(model, xb, maps, t)
+        info.update({k:round(v.mean().item(), 4) for k,v in scores.items()})
         self.frames.append(info)
         if self.writer is not None:
-            ts = dict(maps=maps.float().cpu().contiguous(), logits=logits.cpu(), target=t.cpu())
+            ts = dict(maps=maps.float().cpu().contiguous(), logits=logits.cpu(), target=t.cpu(), **{f'metric.{k}': v for k,v in scores.items()})
             if self._first_step: ts['input'] = xb.as_subclass(Tensor).float().cpu(); self._first_step = False
             self.writer.write_step('predict', it, ts, meta=info, epoch=info['epoch'], iteration=it)
+        self.log_frame(info)
 
     @property
     def maps(self) -> Tensor:
@@ -190,6 +199,95 @@ class SaliencyCallback(Callback):
     def __del__(self):
         try: self._close_writer(ended=False)
         except Exception: pass
+
+# %% ../nbs/07_saliency.ipynb #d7cf6aa2
+_FRAME_METRICS = ('pointing', 'deletion', 'insertion')
+
+def _frame_metrics(metrics, steps:int) -> dict:
+    "name -> scoring function `(model, xb, maps, target) -> (B,)`; 'pointing' -> None (scored with the probes' boxes)"
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"metric_steps must be an int >= 1, got {steps!r}")
+    res = {}
+    for m in [] if metrics is None else [metrics] if isinstance(metrics, str) or callable(metrics) else list(metrics):
+        if callable(m): res[getattr(m, '__name__', type(m).__name__)] = m
+        elif m == 'deletion': res[m] = partial(scoring.deletion_auc, n_steps=steps)
+        elif m == 'insertion': res[m] = partial(scoring.insertion_auc, n_steps=steps)
+        elif m == 'pointing': res[m] = None
+        else: raise ValueError(f"metrics must be names from {_FRAME_METRICS} or functions (model, xb, maps, target) -> (B,); got {m!r}")
+    return res
+
+# %% ../nbs/07_saliency.ipynb #4bc8ae16
+@patch
+def _setup_scores(self:SaliencyCallback):
+    "The probes' boxes where 'pointing' is asked for: `boxes`, or those of the validation DataFrame's items"
+    if 'pointing' not in self.frame_metrics: return
+    n,size = len(self.probe_xb),tuple(self.probe_xb.shape[-2:])
+    b = self.boxes
+    if b is None and self.item_idxs is not None:
+        with same_random_state(): b = scoring.item_boxes(self.dls, self.item_idxs, size)
+    if b is None: raise ValueError("metrics 'pointing' needs the probes' boxes: pass boxes= (N,4) in input pixels, or validation "
+                                   "indices as items with a DataFrame of x1, y1, x2, y2 columns (SynthSigns)")
+    b = np.asarray(b, dtype=float).reshape(-1, 4)
+    if len(b) != n: raise ValueError(f"boxes has {len(b)} boxes for {n} probes")
+    self.probe_boxes = b
+
+# %% ../nbs/07_saliency.ipynb #1dc2a7a5
+@patch
+def _score_frame(self:SaliencyCallback, model, xb, maps, target) -> dict:
+    "Each metric's scores (B,) of the frame's maps, also kept in `self._scores`"
+    res = {}
+    for name,f in self.frame_metrics.items():
+        if f is None: v = scoring.pointing_hits(maps.detach().float().cpu(), self.probe_boxes).float()
+        else: v = torch.as_tensor(f(model, xb, maps, target)).detach().float().cpu().reshape(-1)
+        if len(v) != len(xb): raise ValueError(f"metric {name!r} gave {len(v)} values for {len(xb)} probes")
+        self._scores[name].append(v); res[name] = v
+    return res
+
+# %% ../nbs/07_saliency.ipynb #ad503571
+@patch
+def log_frame(self:SaliencyCallback, info:dict):
+    "Called after each frame with its `info` (epoch, iteration, predictions, mean scores; maps in `self.maps[-1]`): a logger's hook"
+    pass
+
+# %% ../nbs/07_saliency.ipynb #76b0ca21
+@patch(as_prop=True)
+def scores(self:SaliencyCallback) -> dict:
+    "Each metric's scores of the probes by frame: name -> (frames, probes) tensor"
+    return {k:torch.stack(v) if v else torch.empty(0) for k,v in self._scores.items()}
+
+# %% ../nbs/07_saliency.ipynb #c4c94c15
+@patch(as_prop=True)
+def metrics(self:SaliencyCallback) -> pd.DataFrame:
+    "The probes' mean score by frame: epoch, iteration and one column per metric"
+    cols = ['epoch', 'iteration', *self.frame_metrics]
+    return pd.DataFrame([{k:f.get(k) for k in cols} for f in self.frames], columns=cols)
+
+# %% ../nbs/07_saliency.ipynb #dc1078f5
+def _unique_labels(cbs) -> dict:
+    "label -> callback for a list of saliency callbacks: their method names, numbered where they repeat"
+    res = {}
+    for cb in cbs:
+        k,i = cb.method_name,2
+        while k in res: k,i = f"{cb.method_name} ({i})",i + 1
+        res[k] = cb
+    return res
+
+# %% ../nbs/07_saliency.ipynb #8cf03638
+@patch
+def plot_metrics(self:SaliencyCallback, others=None, # Other saliency callbacks to draw beside this one: a list, or label -> callback
+                 metrics=None, # Which metrics; None: all of this callback's
+                 label=None, # This callback's label; None: its method's name
+                 size=(3.4, 2.6)):
+    "The probes' mean scores against the epoch, a panel per metric (the pointing game's chance dashed); returns the figure"
+    self._check_frames()
+    if not self.frame_metrics: raise ValueError("no metrics recorded: create the callback with metrics=('deletion', ...)")
+    others = others or {}
+    cbs = others if isinstance(others, dict) else _unique_labels([self, *others])
+    tables = {label or self.method_name: self.metrics, **{k:o.metrics for k,o in cbs.items() if o is not self}}
+    refs = None
+    if 'pointing' in self.frame_metrics:
+        refs = {'pointing': (scoring.box_area_share(self.probe_boxes, tuple(self.probe_xb.shape[-2:])), 'chance')}
+    return plot.plot_metric_curves(tables, metrics=metrics, refs=refs, size=size)
 
 # %% ../nbs/07_saliency.ipynb #3aa073a2
 @delegates(SaliencyCallback, but=['method', 'layer'])

@@ -109,3 +109,15 @@ def test_frames_do_not_depend_on_the_other_callbacks(signs):
     a = run([FullGradCallback(n=3)])
     b = run([FullGradCallback(n=3), GradCAMCallback('1', every=1, n=4)])
     assert torch.equal(a.full_grad.maps, b.full_grad.maps)
+
+def test_metrics_over_fine_tune_and_export(signs, tmp_path):
+    "Scores of every frame of both fits of fine_tune; the callback with its metrics pickles with learn.export()"
+    dls = dls_of(signs)
+    cb = GradCAMCallback('0.5', n=2, metrics=('pointing', 'deletion'), metric_steps=4)
+    learn = vision_learner(dls, resnet18, pretrained=False, cbs=cb, path=tmp_path)
+    with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, 1e-3, freeze_epochs=1)
+    assert cb.metrics.epoch.tolist() == [0, 1, 2] and cb.scores['deletion'].shape == (3, 2)
+    assert cb.metrics.deletion.between(0, 1).all() and set(cb.scores['pointing'].unique().tolist()) <= {0., 1.}
+    learn.export('m.pkl')
+    new = load_learner(tmp_path/'m.pkl')
+    assert new.grad_cam.metrics.equals(cb.metrics)
