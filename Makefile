@@ -18,7 +18,7 @@ export PYTHONWARNINGS := ignore::FutureWarning:torch.jit._script
 DEMO_ARGS ?=
 DEMO_OUT := demo_out
 
-.PHONY: demo test venv export check-export nbtest pytest compat clean
+.PHONY: demo test venv export check-export nbtest browser pytest compat clean
 
 $(VENV)/.installed: requirements-dev.txt requirements-xcheck.txt settings.ini setup.py
 	@echo "==> Setting up $(VENV) with the pinned development stack (first time: a few minutes)"
@@ -53,6 +53,15 @@ nbtest: $(VENV)/.installed
 	@echo "==> Running every notebook (nbdev_test, slow cells included)"
 	time OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --flags slow --n_workers 2 --timing
 
+# A real browser for the report's test (tests/test_cli.py); where none can be installed, that test is skipped and says why
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "==> Installing Chromium (Debian's package) for the report's browser test"; \
+	      (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null) || \
+	        echo "==> Chromium could not be installed: the browser test will be skipped"; \
+	    else echo "==> No Chromium and no way to install it here: the browser test will be skipped"; fi; }
+
 pytest: $(VENV)/.installed
 	@echo "==> pytest tests/ with the pinned stack"
 	time OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests/ -q
@@ -74,7 +83,7 @@ compat: $(COMPAT)/.installed
 	@$(COMPAT)/bin/python -c "import fastai, fastcore; print('fastai', fastai.__version__, 'fastcore', fastcore.__version__)"
 	time OMP_NUM_THREADS=1 $(COMPAT)/bin/python -m pytest tests/ -q
 
-test: check-export nbtest pytest compat
+test: check-export nbtest browser pytest compat
 
 clean:
 	rm -rf $(VENV) $(COMPAT) $(CACHE) _proc _docs

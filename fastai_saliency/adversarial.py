@@ -251,8 +251,12 @@ def flagged_requests(capture, # The monitor's capture folder
     ta = attacked_run if isinstance(attacked_run, Trial) else Trial(attacked_run)
     tc = None if clean_run is None else clean_run if isinstance(clean_run, Trial) else Trial(clean_run)
     runs = [('clean', tc), ('served', ta)] if tc is not None else [('served', ta)]
-    where = {name: t.find_items(ids[:n]) for name,t in runs}
-    shown = [i for i in ids[:n] if all(i in w for w in where.values())]
+    where = {name: t.find_items(ids) for name,t in runs}
+    both = [i for i in ids if all(i in w for w in where.values())]
+    if tc is not None:                       # requests the attack turned first: their clean prediction was another class
+        clean = lambda i: int(tc.tensor('explained_class').value(where['clean'][i][0], mode='predict')[where['clean'][i][1]])
+        both = sorted(both[:8*n], key=lambda i: clean(i) in flagged)
+    shown = both[:n]
     name = lambda c: str(vocab[c]) if vocab is not None else str(c)
     fig,axs = plt.subplots(max(len(shown), 1), 2*len(runs), figsize=(size*2*len(runs), size*max(len(shown), 1) + 0.5), squeeze=False)
     for ax in axs.flat: ax.set_axis_off()
@@ -263,8 +267,10 @@ def flagged_requests(capture, # The monitor's capture folder
             c = int(t.tensor('explained_class').value(s, mode='predict')[j])
             m = t.gradcam(layer, s, mode='predict', items=[j])[0]
             axs[r, 2*k].imshow(to_image(x, stats)); axs[r, 2*k].set_title(f"{what} {i}: {name(c)}", fontsize=9)
-            show_overlay(x, m, ax=axs[r, 2*k + 1], stats=stats, title='Grad-CAM (from the store)')
-    fig.suptitle(f"{len(ids)} requests predicted {', '.join(name(c) for c in sorted(flagged))}; the first {len(shown)}")
+            show_overlay(x, m, ax=axs[r, 2*k + 1], stats=stats)
+            axs[r, 2*k + 1].set_title('Grad-CAM (from the store)', fontsize=9)
+    fig.suptitle(f"{len(ids)} requests predicted {', '.join(name(c) for c in sorted(flagged))}; {len(shown)} of them"
+                 + (", those the attack turned first" if tc is not None else ""))
     fig.tight_layout()
     return ids, fig
 

@@ -18,6 +18,7 @@ from .evaluate import plot_pointing_curve
 import fastai_saliency.learner   # Learner.show_layer_heatmaps, ClassificationInterpretation.plot_top_losses(heatmap=True)
 import sys
 from .monitor import check_capture
+from .adversarial import adversarial_story
 
 
 # %% auto #0
@@ -113,6 +114,18 @@ the pixels is the floor. Scored on the {n_probes} probes at every frame, {steps}
 {faith_table}
 <h2>Where the trained model fails</h2><p>The validation images with the largest loss, each with its Grad-CAM map (at
 <code>'0.5'</code>) for the predicted class and for the true class.</p><img src="top_losses.png" alt="top losses with heatmaps">
+<h2>Deployed: a monitor, an attack, and what the flagged requests looked at</h2>
+<p>A baseline from the validation predictions (class shares and confidence, {deploy_n} images); the same images served
+through <code>get_preds</code> with a <code>PredictionMonitor</code> and a <code>SnapshotCallback(predict_every=1)</code>:
+the check finds {clean_check}. Then the same signs attacked towards <b>{deploy_target}</b> (iterated FGSM, {deploy_eps}
+of 255 per pixel): the check flags {flagged}. Accuracy under attack:</p>{attack_table}
+<img src="attack_accuracy.png" alt="accuracy under attack"><img src="monitor.png" alt="the monitor's check of the burst">
+<p>Signs the attack turned into {deploy_target}: clean, attacked, their Grad-CAM maps and the difference (amplified):</p>
+<img src="attack.png" alt="clean and attacked signs with their maps">
+<p>The flagged requests, found in the snapshot store by the ids the capture gave them, beside the same signs when they
+came in clean; their maps are made from the store alone (<code>Trial.find_items</code>, <code>Trial.gradcam</code>).
+Measured on the {n_flipped} signs the attack turned: Grad-CAM's peak on the sign (pointing game) {point_clean:.2f} clean, {point_attacked:.2f} attacked; its share of map mass in the sign's box {mass_clean:.2f} and {mass_attacked:.2f} (the box covers {box_area:.2f} of the image).</p>
+<img src="flagged.png" alt="flagged requests from the snapshot store">
 <h2>Along the depth of the network</h2><img src="layers.png" alt="Grad-CAM along the network">
 <h2>What the snapshot store holds</h2><p>Read back with <code>Trial('{snaps}')</code>: {n_steps} training steps.</p>
 <img src="training.png" alt="activation and gradient spread"><h2>The data</h2><img src="samples.png" alt="samples">
@@ -124,11 +137,24 @@ def _table(curves:dict) -> str:
     n = max(len(c) for c in curves.values())
     return f"<table><tr><th>epoch</th>{''.join(f'<th>{e}</th>' for e in range(n))}</tr>{rows}</table>"
 
-def write_report(fname, res:dict, curves:dict, faithfulness:dict):
-    "A static page `fname` with the demo's pictures, accuracy, pointing-game and faithfulness numbers"
+def write_report(fname, res:dict, curves:dict, faithfulness:dict, deployment:dict):
+    "A static page `fname` with the demo's pictures, accuracy, pointing-game, faithfulness and deployment numbers"
     faith = {f"{k}, {m}": v for k,d in faithfulness.items() for m,v in d.items()}
-    Path(fname).write_text(_PAGE.format(table=_table(curves), faith_table=_table(faith),
-                                        snaps=_html.escape(str(res['snapshots'])), **res))
+    d = deployment
+    rows = ''.join(f"<tr><td>{r['eps']*255:.0f}</td><td>{r['accuracy_fgsm']:.2f}</td><td>{r['accuracy_targeted']:.2f}</td>"
+                   f"<td>{r['to_target']:.2f}</td></tr>" for r in d['eps'])
+    attack = (f"<table><tr><th>eps (of 255)</th><th>accuracy, FGSM</th><th>accuracy, towards {_html.escape(d['target'])}</th>"
+              f"<th>share predicted {_html.escape(d['target'])}</th></tr><tr><td>0</td><td>{d['accuracy_clean']:.2f}</td>"
+              f"<td>{d['accuracy_clean']:.2f}</td><td>-</td></tr>{rows}</table>")
+    flagged = [v for v in d['burst_flagged'] if v['kind'] == 'class_share']
+    g = d['maps'].get('gradcam', {})
+    Path(fname).write_text(_PAGE.format(table=_table(curves), faith_table=_table(faith), attack_table=attack,
+        snaps=_html.escape(str(res['snapshots'])), deploy_n=d['n_traffic'], deploy_target=_html.escape(d['target']),
+        deploy_eps=f"{d['eps'][-1]['eps']*255:.0f}", clean_check='no violation' if d['clean_ok'] else 'violations (!)',
+        flagged=_html.escape('; '.join(v['message'] for v in flagged) or 'nothing'),
+        n_flipped=d['n_flipped'], point_clean=g.get('pointing_clean', float('nan')), point_attacked=g.get('pointing_attacked', float('nan')),
+        mass_clean=g.get('box_mass_clean', float('nan')), mass_attacked=g.get('box_mass_attacked', float('nan')),
+        box_area=g.get('box_area', float('nan')), **res))
 
 # %% ../nbs/13_cli.ipynb #80842d62
 def run_demo(out='demo_out', epochs:int=4, size:int=64, n_per_class:int=200, seed:int=0, cpu:bool=False,
@@ -178,14 +204,21 @@ def run_demo(out='demo_out', epochs:int=4, size:int=64, n_per_class:int=200, see
     interp.plot_top_losses(6, heatmap=True, layer='0.5', ncols=3); _save(out/'top_losses.png')
     trial = snap.trial()
     save_training_stats(trial, out/'training.png')
+    print(f"Serving: a baseline from validation, clean traffic, then an attacked burst ({time.time() - t0:.0f} s so far)")
+    story = adversarial_story(learn, path, eps=(2/255, 4/255, 8/255), steps=5, layer='0.5', n_show=3, out=out/'deployment')
+    for k,f in dict(accuracy='attack_accuracy.png', attack='attack.png', check='monitor.png', flagged='flagged.png').items():
+        if story['figures'].get(k) is not None: story['figures'][k].savefig(out/f, bbox_inches='tight', dpi=80)
+    plt.close('all')
+    deploy = story['numbers']
     files = ['evolution.gif', 'frames.png', 'frames_gradcam.png', 'layers.png', 'pointing.png', 'faithfulness.png',
-             'top_losses.png', 'training.png', 'samples.png', 'report.html', 'results.json']
+             'top_losses.png', 'training.png', 'attack_accuracy.png', 'attack.png', 'monitor.png', 'flagged.png',
+             'samples.png', 'report.html', 'results.json']
     res = dict(accuracy=float(acc), valid_loss=float(loss), epochs=epochs, size=size, n_per_class=n_per_class,
                seed=seed, device=str(device), seconds=round(time.time() - t0, 1), pointing=curves, chance=chance,
                faithfulness=faith, probes=fg.item_idxs, snapshots=str(trial.path), n_steps=len(trial.steps(mode='train')),
-               files=files)
+               deployment=deploy, files=files)
     write_report(out/'report.html', dict(res, acc=res['accuracy'], loss=res['valid_loss'], n_img=len(df),
-                                         n_cls=dls.c, n_probes=n_probes, steps=steps), curves, faith)
+                                         n_cls=dls.c, n_probes=n_probes, steps=steps), curves, faith, deploy)
     (out/'results.json').write_text(json.dumps(res, indent=2))
     c,d = curves["Grad-CAM at '0.5'"],faith["Grad-CAM at '0.5'"]['deletion']
     print(f"Validation accuracy {acc:.3f}; Grad-CAM maps on the sign: {c[0]:.0%} before training, {c[-1]:.0%} after; "
