@@ -23,8 +23,8 @@ def _fmt_epoch(e:float) -> str: return f"{e:.0f}" if abs(e - round(e)) < 1e-6 el
 class SaliencyCallback(Callback):
     "Saliency maps of fixed probe images before training, then every epoch or every `every` training batches"
     order,run_valid = 95,False
-    _stateattrs = ('writer', 'probe_xb')          # not pickled by `learn.export()`
-    def _init_state(self): self.probe_xb = self.writer = None
+    _stateattrs = ('writer', 'probe_xb', '_tb', '_maps', '_logits', '_targets')   # not in `learn.export()`: the frames' numbers stay
+    def _init_state(self): self.probe_xb = self.writer = self._tb = None; self._maps,self._logits,self._targets = [],[],[]
     def __init__(self, method='fullgrad', # 'fullgrad', 'gradcam', 'cam', or a function `(model, xb, target) -> maps (B,H,W)`
                  items=None, # Probes: validation indices, files, PIL images or a batch; None: `n` validation items spread over the classes
                  n:int=8, # How many probes when `items` is None
@@ -35,6 +35,8 @@ class SaliencyCallback(Callback):
                  metrics=None, # Scores of every frame: 'pointing', 'deletion', 'insertion', or functions (model, xb, maps, target) -> (B,)
                  boxes=None, # The probes' boxes (N,4) in input pixels, for 'pointing'; None: from the validation DataFrame (SynthSigns)
                  metric_steps:int=16, # Steps of each deletion and insertion curve
+                 max_frames:int|None=64, # Frames kept in memory: past it, every other older frame is dropped (`store=` keeps them all); None: all
+                 log_dir=None, # A TensorBoard log folder for the frames and scores; None: the writer of an attached `TensorBoardCallback`, if any
                  **kwargs): # Passed on to the method, e.g. `input_term=False` for FullGrad
         if not (callable(method) or method in _SALIENCY_METHODS):
             raise ValueError(f"method must be one of {_SALIENCY_METHODS} or a function (model, xb, target) -> maps; got {method!r}")
@@ -44,9 +46,11 @@ class SaliencyCallback(Callback):
         if isinstance(target, str) and target not in ('label', 'pred'):
             raise ValueError(f"target must be 'label', 'pred', None, an int or one int per probe; got {target!r}")
         if method == 'fullgrad' and layer is not None: raise ValueError("FullGrad uses every layer: layer must be None")
+        if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 2):
+            raise ValueError(f"max_frames must be an int >= 2 or None, got {max_frames!r}")
         self.frame_metrics = _frame_metrics(metrics, metric_steps)
-        store_attr('method,items,n,every,layer,target,store,boxes,metric_steps,kwargs')
-        self.probe_xb = self.writer = None
+        store_attr('method,items,n,every,layer,target,store,boxes,metric_steps,max_frames,log_dir,kwargs')
+        self.probe_xb = self.writer = self._tb = None
         self.reset()
 
     @property
@@ -97,7 +101,9 @@ class SaliencyCallback(Callback):
     def after_epoch(self):
         if self.every == 'epoch': self._frame()
 
-    def after_fit(self): self._close_writer(ended=True)
+    def after_fit(self):
+        self._close_writer(ended=True)
+        if self._tb is not None: self._tb.flush()
     def after_cancel_fit(self): self._cancelled = True
 
     def _close_writer(self, ended):
@@ -128,11 +134,19 @@ class SaliencyCallback(Callback):
         scores = self._score_frame(model, xb, maps, t)
         info.update({k:round(v.mean().item(), 4) for k,v in scores.items()})
         self.frames.append(info)
+        self._thin()
         if self.writer is not None:
             ts = dict(maps=maps.float().cpu().contiguous(), logits=logits.cpu(), target=t.cpu(), **{f'metric.{k}': v for k,v in scores.items()})
             if self._first_step: ts['input'] = xb.as_subclass(Tensor).float().cpu(); self._first_step = False
             self.writer.write_step('predict', it, ts, meta=info, epoch=info['epoch'], iteration=it)
         self.log_frame(info)
+
+    def _thin(self):
+        "Past `max_frames` frames in memory, drop every other one but the first and the last (the store, if any, has them all)"
+        if self.max_frames is None or len(self.frames) <= self.max_frames: return
+        keep = sorted(set(range(0, len(self.frames) - 1, 2)) | {len(self.frames) - 1})
+        for a in ('_maps', '_logits', '_targets', 'frames'): setattr(self, a, [getattr(self, a)[i] for i in keep])
+        self._scores = {k:[v[i] for i in keep] for k,v in self._scores.items()}
 
     @property
     def maps(self) -> Tensor:
@@ -165,6 +179,8 @@ class SaliencyCallback(Callback):
 
     def _check_frames(self):
         if not self.frames: raise ValueError("no frames yet: fit the learner with this callback first")
+        if not self._maps: raise ValueError("no maps: learn.export() keeps the frames' numbers (cb.frames, cb.metrics), not their "
+                                            "maps; fit again, or read them from the snapshot store (store=)")
 
     def animate(self, probes=None, # Which probes (indices into the probe batch); None: all
                 ncols:int=None, interval:int=700, size:float=2.0, **kwargs) -> animation.FuncAnimation:
@@ -243,11 +259,43 @@ def _score_frame(self:SaliencyCallback, model, xb, maps, target) -> dict:
         self._scores[name].append(v); res[name] = v
     return res
 
+# %% ../nbs/07_saliency.ipynb #4a159522
+@patch
+def _tensorboard(self:SaliencyCallback):
+    "The TensorBoard writer frames go to: our own for `log_dir`, else an attached `TensorBoardCallback`'s, else None"
+    if self.log_dir is None:
+        tbc = next((cb for cb in self.learn.cbs if type(cb).__name__ == 'TensorBoardCallback'), None)
+        return getattr(tbc, 'writer', None)
+    if self._tb is None:
+        try: from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError(f"log_dir= needs the tensorboard package ({e}): pip install tensorboard, or leave log_dir=None") from None
+        self._tb = SummaryWriter(str(self.log_dir))
+    return self._tb
+
+# %% ../nbs/07_saliency.ipynb #8b66e20c
+@patch
+def _overlay_grid(self:SaliencyCallback, f:int=-1, # The frame
+                  ncols:int=4, cmap='jet', alpha:float=0.5) -> np.ndarray:
+    "The probes of frame `f` blended with their maps, in one (H,W,3) uint8 grid of `ncols` columns"
+    ims = [plot.blend(x.cpu(), m, cmap, alpha, self.norm) for x,m in zip(self.probe_xb, self.maps[f])]
+    H,W,_ = ims[0].shape
+    ncols = min(ncols, len(ims)); nrows = -(-len(ims) // ncols)
+    grid = np.ones((nrows*(H + 2), ncols*(W + 2), 3))
+    for i,im in enumerate(ims):
+        r,c = divmod(i, ncols)
+        grid[r*(H + 2):r*(H + 2) + H, c*(W + 2):c*(W + 2) + W] = im
+    return (grid*255).round().astype(np.uint8)
+
 # %% ../nbs/07_saliency.ipynb #ad503571
 @patch
 def log_frame(self:SaliencyCallback, info:dict):
-    "Called after each frame with its `info` (epoch, iteration, predictions, mean scores; maps in `self.maps[-1]`): a logger's hook"
-    pass
+    "Called after each frame: logs the probes' overlays (one image grid, tagged by method) and the mean scores to TensorBoard"
+    w = self._tensorboard()
+    if w is None: return
+    it,tag = info['iteration'],f"saliency/{self.method_name}"
+    w.add_image(tag, self._overlay_grid(-1), it, dataformats='HWC')
+    for k in self.frame_metrics: w.add_scalar(f"{tag}/{k}", info[k], it)
 
 # %% ../nbs/07_saliency.ipynb #76b0ca21
 @patch(as_prop=True)

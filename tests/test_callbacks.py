@@ -121,3 +121,20 @@ def test_metrics_over_fine_tune_and_export(signs, tmp_path):
     learn.export('m.pkl')
     new = load_learner(tmp_path/'m.pkl')
     assert new.grad_cam.metrics.equals(cb.metrics)
+
+def test_tensorboard_frames_and_no_frames_in_exports(signs, tmp_path):
+    "Each frame's overlay grid and scores reach TensorBoard (read back); frames stay bounded in memory and out of learn.export()"
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    dls = dls_of(signs)
+    cb = GradCAMCallback('1', n=3, every=1, log_dir=tmp_path/'tb', metrics='pointing', max_frames=5, store=tmp_path/'all')
+    learn = Learner(dls, tiny(dls.c), cbs=cb, path=tmp_path)
+    learn.fit(2, 1e-2)
+    n = 1 + 2*len(dls.train)
+    ea = EventAccumulator(str(tmp_path/'tb'), size_guidance={'images': 0, 'scalars': 0}).Reload()
+    assert len(ea.Images('saliency/Grad-CAM')) == n and len(ea.Scalars('saliency/Grad-CAM/pointing')) == n
+    assert len(cb.frames) <= 5 and cb.frames[0]['iteration'] == 0 and cb.frames[-1]['iteration'] == n - 1
+    assert len(Trial(tmp_path/'all').steps(mode='predict')) == n
+    learn.export('m.pkl')
+    new = load_learner(tmp_path/'m.pkl')
+    assert new.grad_cam.frames == cb.frames and len(new.grad_cam.maps) == 0     # the numbers, not the maps
