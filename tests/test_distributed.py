@@ -5,7 +5,7 @@ import pytest
 from fastai_saliency.data import synth_signs
 
 HERE = Path(__file__).resolve().parent
-TORCHRUN = Path(sys.executable).parent/'torchrun'
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run']   # torchrun; also where torch is borrowed from another venv
 pytest.importorskip('accelerate', reason="fastai's distrib_ctx needs accelerate")
 
 def _kill_tree(pid):
@@ -23,7 +23,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp('ddp')
     env = {k:v for k,v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
     env.update(OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', MPLBACKEND='Agg', PYTHONUNBUFFERED='1')
-    cmd = [str(TORCHRUN), '--standalone', '--nproc_per_node=2', '--max-restarts=0', str(HERE/'ddp_worker.py'), str(data), str(out)]
+    cmd = [*TORCHRUN, '--standalone', '--nproc_per_node=2', '--max-restarts=0', str(HERE/'ddp_worker.py'), str(data), str(out)]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try: output = p.communicate(timeout=240)[0]
     except subprocess.TimeoutExpired:
