@@ -181,7 +181,7 @@ def show_layer_heatmaps(self:Learner, item=0, # A validation index, a file, a PI
     n = len(maps) + 1
     ncols = min(n, 5) if ncols is None else max(1, min(ncols, n))
     nrows = -(-n // ncols)
-    fig,axs = plt.subplots(nrows, ncols, figsize=(size*ncols, size*nrows + 0.5), squeeze=False)
+    fig,axs = plt.subplots(nrows, ncols, figsize=(size*ncols, size*nrows + 0.5), squeeze=False, layout='constrained')
     axs = axs.ravel()
     for ax in axs: ax.set_axis_off()
     stats = dls_norm(self.dls)
@@ -189,8 +189,7 @@ def show_layer_heatmaps(self:Learner, item=0, # A validation index, a file, a PI
     for ax,(name,m) in zip(axs[1:], maps.items()):
         h,w = sizes[name]
         show_overlay(xb[0], m[0], ax=ax, title=f"{name} ({h}x{w})", cmap=cmap, alpha=alpha, stats=stats)
-    fig.suptitle(f"{_LAYER_METHODS[method]} per layer. Predicted: {titles[0].replace(chr(10), ', ')}")
-    fig.tight_layout()
+    fig.suptitle(f"{_LAYER_METHODS[method]} per layer. Predicted: {titles[0].replace(chr(10), ', ')}")   # constrained layout: titles clear of the row above
     return fig
 
 # %% ../nbs/08_learner.ipynb #7913934e

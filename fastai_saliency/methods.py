@@ -957,12 +957,14 @@ class _Points(HookSet):
             if isinstance(c, nn.Module): self.handles.append(c.register_forward_pre_hook(child))
         self.handles.append(m.register_forward_hook(post))
 
+    def constant(self, i) -> tuple:
+        "What is added at point `i`, as `point_term` takes it: `(bias, trailing, clamp)`"
+        c = self.calls[i]
+        return (None, False, c.sat) if c.kind == 'clamp' else (*self.biases[c.name], None)
+
     def term(self, i, g:Tensor) -> Tensor:
         "The term of point `i`: the gradient `g` there times the constant added there"
-        c = self.calls[i]
-        if c.kind == 'clamp': return point_term(g, clamp=c.sat)
-        b,tr = self.biases[c.name]
-        return point_term(g, b, tr)
+        return point_term(g, *self.constant(i))
 
     def zeros(self, i) -> Tensor:
         c = self.calls[i]
@@ -1040,6 +1042,25 @@ class FullGradMap:
             key = tuple(s.shape[-2:])
             self.acc[key] = self.acc[key] + s if key in self.acc else s
 
+    def add_point(self, g:Tensor, # The gradient of the target logits at a point
+                  bias:Tensor=None, trailing:bool=False, clamp=None, # The constant added there, as `point_term` takes it
+                  channels_last:bool=False, # A 4-d point laid out (B,h,w,C)
+                 ):
+        "Add a point's term from its gradient and constant: what `add(point_term(...))` does, without forming a biased map term"
+        g = _f32(g.detach())
+        if clamp is not None or bias is None or g.dim() != 4 or bias.dim() != 1 or trailing != channels_last:
+            return self.add(point_term(g, bias, trailing, clamp), channels_last)
+        with _no_autocast(g), torch.no_grad():    # |g*b| = |g|*|b|, |b| >= 0: per-channel extremes and a weighted channel sum
+            b,sp = _f32(bias),((1, 2) if channels_last else (2, 3))
+            self.sums.append((g.sum(sp)*b).sum(1))
+            hw = tuple(g.shape[1:3]) if channels_last else tuple(g.shape[-2:])
+            if self.coarse(hw): return
+            ga,ab = g.abs(),b.abs()
+            lo,hi = (ga.amin(sp)*ab).amin(1),(ga.amax(sp)*ab).amax(1)
+            wsum = ga @ ab if channels_last else (ab.view(1, 1, -1) @ ga.flatten(2)).view(len(g), *hw)   # matmul: 20x einsum's speed on CPU
+            s = _scaled(wsum - len(ab)*lo[:, None, None], lo, hi)
+            self.acc[hw] = self.acc[hw] + s if hw in self.acc else s
+
     def map(self, it:Tensor, # The input term, see `grad_times_input`
             input_term:bool=True, # Draw |it| (the reference does)
             align_corners:bool=True) -> Tensor:
@@ -1064,7 +1085,7 @@ def fullgrad(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the 
     size = tuple(xb.shape[-2:]) if isinstance(xb, Tensor) else None   # else `backprop` says what is wrong with `xb`
     fm = FullGradMap(size, max_stride)
     def on_grad(i, g):
-        with _no_autocast(g), torch.no_grad(): fm.add(pts.term(i, g), pts.calls[i].channels_last)
+        with _no_autocast(g), torch.no_grad(): fm.add_point(g, *pts.constant(i), pts.calls[i].channels_last)
     pts = _Points(fullgrad_sites(model), on_grad)
     r = backprop(model, xb, pts, target, input_grad=True, output=output)
     with _no_autocast(r.x):

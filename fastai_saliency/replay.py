@@ -87,7 +87,7 @@ def fullgrad(self:Trial, step:int=None, # An explained step; None: the last one
     for p in pts:                            # in the order the backward pass reached them, as `fullgrad` adds them
         clamp = (_pick(ts[p['code']], items), tuple(p['levels'])) if p['kind'] == 'clamp' else None
         g = _pick(ts[p['grad']], items)
-        fm.add(methods.point_term(g, None if clamp else ts[p['bias']], p.get('trailing', False), clamp), p['channels_last'])
+        fm.add_point(g, None if clamp else ts[p['bias']], p.get('trailing', False), clamp, p['channels_last'])
     return fm.map(methods.grad_times_input(x, _pick(ts['input_grad'], items)), input_term, align_corners)
 
 # %% ../nbs/09_replay.ipynb #7d4bcb98
