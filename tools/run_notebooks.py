@@ -1,6 +1,6 @@
 """Hand-written: run notebooks (slow cells included) and keep their outputs, so the figures show on a code host and
 in the docs. `python tools/run_notebooks.py [NAME ...]` (default: every notebook in nbs/), then `nbdev_clean`.
-Outputs over `--max-kb` (HTML animations mostly) are dropped with a note; the notebooks are the source of the library,
+Outputs over `--max-kb` (HTML animations mostly) are dropped with a note, stderr (warnings, progress bars) dropped; the notebooks are the source of the library,
 so `nbdev_export` must still give the same code afterwards (it does: outputs are not exported)."""
 import argparse, os, re, sys, time
 from pathlib import Path
@@ -27,6 +27,7 @@ def run(fn:Path, max_kb:int) -> float:
         if c.cell_type != 'code': continue
         outs = []
         for o in c.get('outputs', []):
+            if o.get('output_type') == 'stream' and o.get('name') == 'stderr': continue     # warnings and progress: noise
             if _size(o) > max_kb*1024:
                 outs.append(dict(output_type='stream', name='stdout',
                                  text=[f'(an output of {_size(o)//1024} kB is left out of the saved notebook: run the cell to see it)\n']))
