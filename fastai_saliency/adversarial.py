@@ -114,14 +114,10 @@ def adversarial(self:Learner, items=None, # None (the first `n` validation image
     return AttrDict(x=xb.as_subclass(Tensor), x_adv=x_adv, y=ys, target=t, targeted=targeted, eps=eps, steps=steps)
 
 # %% ../nbs/12_adversarial.ipynb #e0a494fc
-_MAP_NAMES = dict(gradcam='Grad-CAM', fullgrad='FullGrad', cam='CAM')
-
 def _maps(model, xb, method:str, layer=None, output=None) -> Tensor:
-    "Maps (B,H,W) of `xb` for the predicted classes by `method`: 'gradcam' (at `layer`), 'fullgrad' or 'cam'"
-    if method == 'gradcam': return methods.gradcam(model, xb, layer, output=output)
-    if method == 'fullgrad': return methods.fullgrad(model, xb, output=output)
-    if method == 'cam': return methods.cam(model, xb, layer=layer, output=output)
-    raise ValueError(f"method must be one of {list(_MAP_NAMES)} or None, not {method!r}")
+    "Maps (B,H,W) of `xb` for the predicted classes by `method`: 'gradcam' (at `layer`), 'fullgrad' (no layer) or 'cam'"
+    if method not in methods.METHOD_TITLES: raise ValueError(f"method must be one of {list(methods.METHOD_TITLES)} or None, not {method!r}")
+    return methods.saliency_maps(model, xb, method, None if method == 'fullgrad' else layer, output=output)
 
 # %% ../nbs/12_adversarial.ipynb #76c872a9
 def _show_attack(learn:Learner, r:AttrDict, method='gradcam', layer=None, amplify:float=None, cmap='jet', alpha:float=0.5,
@@ -135,7 +131,7 @@ def _show_attack(learn:Learner, r:AttrDict, method='gradcam', layer=None, amplif
     _,std = pixel_stats(stats, r.x.shape[1], r.x_adv.device)
     diff = ((xs[1] - xs[0])*std).cpu()
     amp = amplify if amplify is not None else (0.5/r.eps if r.eps > 0 else 1.)
-    what = None if method is None else _MAP_NAMES[method]
+    what = None if method is None else methods.METHOD_TITLES[method]
     cols = ['clean', 'attacked'] if maps is None else ['clean', f'{what}, clean', 'attacked', f'{what}, attacked']
     cols.append(f'difference x{amp:.3g}')
     B,per = len(r.x),1 if maps is None else 2

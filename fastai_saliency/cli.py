@@ -238,7 +238,6 @@ def main(argv=None):
     return 0
 
 # %% ../nbs/13_cli.ipynb #ce7450c1
-import sys
 from .replay import watch, RunStalled
 
 # %% ../nbs/13_cli.ipynb #3f08dd34

@@ -19,8 +19,8 @@ from fastai.torch_core import to_device, rank_distrib
 
 # %% auto #0
 __all__ = ['unwrap_model', 'plain_dl', 'plain_dls', 'is_main_process', 'in_validation', 'in_main_fit', 'dls_norm', 'valid_labels',
-           'spread_over_classes', 'default_probes', 'same_random_state', 'is_image_item', 'items_batch', 'item_ids',
-           'json_id']
+           'spread_over_classes', 'default_probes', 'same_random_state', 'is_image_item', 'dl_batch', 'items_batch',
+           'item_ids', 'json_id']
 
 # %% ../nbs/03_learn_io.ipynb #28c749bc
 # Wrapper class (by name: nothing of deepspeed or torch._dynamo is imported) -> the attribute holding the wrapped model.
@@ -122,6 +122,11 @@ def same_random_state():
 # %% ../nbs/03_learn_io.ipynb #70386be8
 def is_image_item(o) -> bool: return isinstance(o, (str, Path, Image.Image))
 
+# %% ../nbs/03_learn_io.ipynb #cd6fd99c
+def dl_batch(dl, idxs) -> tuple:
+    "The batch of the items at `idxs` of `dl`'s dataset, through `dl`'s item and batch pipelines, on its device"
+    return dl.after_batch(to_device(dl.do_batch([dl.do_item(int(i)) for i in idxs]), dl.device))
+
 # %% ../nbs/03_learn_io.ipynb #0bcce6a1
 def items_batch(learn:Learner, items=None, n:int=4) -> tuple:
     "A normalised batch on the DataLoaders' device for `items`, and the labels where known (else None)"
@@ -140,8 +145,7 @@ def items_batch(learn:Learner, items=None, n:int=4) -> tuple:
         nv = len(dl.dataset)
         bad = [i for i in items if not -nv <= i < nv]
         if bad: raise IndexError(f"validation indices {bad} out of range: the validation set has {nv} items")
-        b = dl.do_batch([dl.do_item(i % nv) for i in items])
-        b = dl.after_batch(to_device(b, dl.device))
+        b = dl_batch(dl, [i % nv for i in items])
         return b[0], (b[1] if len(b) > 1 else None)
     if all(is_image_item(i) for i in items):
         xbs = [b[0] for b in plain_dls(learn.dls).test_dl(items, with_labels=False)]

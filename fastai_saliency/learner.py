@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 from fastcore.basics import patch
 from fastcore.meta import delegates
 from fastai.learner import Learner
-from .learn_io import items_batch, dls_norm, unwrap_model
+from .learn_io import items_batch, dl_batch, dls_norm, unwrap_model
 from . import methods
 from .plot import show_maps, show_overlay, to_image
 
@@ -193,7 +193,6 @@ def show_layer_heatmaps(self:Learner, item=0, # A validation index, a file, a PI
     return fig
 
 # %% ../nbs/08_learner.ipynb #7913934e
-from fastai.torch_core import to_device
 from fastai.interpret import ClassificationInterpretation
 import numbers
 from fastcore.basics import AttrDict
@@ -206,8 +205,7 @@ _fastai_plot_top_losses = getattr(ClassificationInterpretation.plot_top_losses, 
 # %% ../nbs/08_learner.ipynb #8c9b22e3
 def _interp_batch(interp, idxs) -> tuple:
     "The normalised batch of items `idxs` of `interp.dl` on its device, and their targets"
-    dl = interp.dl
-    b = dl.after_batch(to_device(dl.do_batch([dl.do_item(int(i)) for i in idxs]), dl.device))
+    b = dl_batch(interp.dl, idxs)
     if len(b) < 2 or b[1].dim() != 1: raise ValueError("heatmaps need single-label classification: one class per item")
     return b[0],b[1].as_subclass(Tensor).long()
 
@@ -215,15 +213,9 @@ def _interp_batch(interp, idxs) -> tuple:
 def _class_maps(learn:Learner, xb, method, layer, target) -> tuple:
     "Maps (B,H,W) of `method` for the classes `target`, and the method's name for titles"
     model = _model(learn)
-    if callable(method): return method(model, xb, target),getattr(method, '__name__', 'saliency')
-    if method == 'gradcam':
-        name = methods.layer_name(model, layer)
-        return methods.gradcam(model, xb, name, target=target),f"Grad-CAM at {name!r}"
-    if method == 'fullgrad':
-        if layer is not None: raise ValueError("FullGrad uses every layer: layer must be None")
-        return methods.fullgrad(model, xb, target=target),'FullGrad'
-    if method == 'cam': return methods.cam(model, xb, layer=layer, target=target),'CAM'
-    raise ValueError(f"method must be 'gradcam', 'fullgrad', 'cam' or a function (model, xb, target) -> maps, not {method!r}")
+    name = methods.layer_name(model, layer) if method == 'gradcam' else layer
+    what = f"Grad-CAM at {name!r}" if method == 'gradcam' else methods.METHOD_TITLES.get(method, getattr(method, '__name__', 'saliency'))
+    return methods.saliency_maps(model, xb, method, name, target),what
 
 # %% ../nbs/08_learner.ipynb #58598886
 def _pred_true_maps(interp, idxs, method, layer) -> AttrDict:

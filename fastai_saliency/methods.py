@@ -13,12 +13,12 @@ from fastai.layers import AdaptiveConcatPool2d, Flatten as FastaiFlatten
 from .hooks import HookSet, Capture, GraphOutputs, graph_leaf, grad_node, find_layer, eval_mode, model_device
 
 # %% auto #0
-__all__ = ['describe_output', 'select_output', 'model_logits', 'resolve_target', 'backprop', 'scale_maps', 'last_conv_block',
-           'timm_root', 'attention_blocks', 'default_layer', 'layer_name', 'FeatureLayout', 'reshape_layout',
-           'feature_layout', 'to_feature_map', 'gradcam_map', 'layer_maps', 'gradcam', 'depth_layers', 'gradcam_layers',
-           'activation_maps', 'cam_terms', 'ApproximateCAMWarning', 'cam', 'layer_bias', 'point_bias', 'clamp_levels',
-           'fullgrad_sites', 'bias_layers', 'point_term', 'clamp_code', 'grad_times_input', 'fullgrad_terms',
-           'FullGradGapWarning', 'FullGradMap', 'fullgrad', 'explained_backward']
+__all__ = ['METHOD_TITLES', 'describe_output', 'select_output', 'model_logits', 'resolve_target', 'backprop', 'scale_maps',
+           'last_conv_block', 'timm_root', 'attention_blocks', 'default_layer', 'layer_name', 'FeatureLayout',
+           'reshape_layout', 'feature_layout', 'to_feature_map', 'gradcam_map', 'layer_maps', 'gradcam', 'depth_layers',
+           'gradcam_layers', 'activation_maps', 'cam_terms', 'ApproximateCAMWarning', 'cam', 'layer_bias', 'point_bias',
+           'clamp_levels', 'fullgrad_sites', 'bias_layers', 'point_term', 'clamp_code', 'grad_times_input',
+           'fullgrad_terms', 'FullGradGapWarning', 'FullGradMap', 'fullgrad', 'saliency_maps', 'explained_backward']
 
 # %% ../nbs/04_methods.ipynb #672e306e
 def _f32(t:Tensor) -> Tensor:
@@ -1100,6 +1100,24 @@ def fullgrad(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the 
                           "or clamps (ReLU6, Hardtanh); see fullgrad_terms(...).residual. Shown once per model.",
                           FullGradGapWarning, stacklevel=2)
         return fm.map(it, input_term, align_corners)
+
+# %% ../nbs/04_methods.ipynb #89cafd56
+METHOD_TITLES = dict(gradcam='Grad-CAM', fullgrad='FullGrad', cam='CAM')   # the methods `saliency_maps` takes by name, and their titles
+
+# %% ../nbs/04_methods.ipynb #609d29f7
+def saliency_maps(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
+                  method='gradcam', # 'gradcam', 'fullgrad', 'cam', or a function `(model, xb, target, **kwargs) -> maps (B,H,W)`
+                  layer=None, # The layer of Grad-CAM and CAM (None: their default); FullGrad takes none
+                  target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+                  **kwargs): # Passed on to the method (`output=`, FullGrad's `input_term=`...)
+    "Maps (B,H,W) in [0,1] of `method` by its name: what the callbacks, the Learner's interpretation and the attack panel draw"
+    if callable(method): return method(model, xb, target, **kwargs)
+    if method == 'gradcam': return gradcam(model, xb, layer, target=target, **kwargs)
+    if method == 'cam': return cam(model, xb, layer=layer, target=target, **kwargs)
+    if method == 'fullgrad':
+        if layer is not None: raise ValueError("FullGrad uses every layer: layer must be None")
+        return fullgrad(model, xb, target=target, **kwargs)
+    raise ValueError(f"method must be 'gradcam', 'fullgrad', 'cam' or a function (model, xb, target) -> maps, not {method!r}")
 
 # %% ../nbs/04_methods.ipynb #1b0a06eb
 def explained_backward(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects

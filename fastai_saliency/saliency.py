@@ -15,7 +15,7 @@ from matplotlib import animation
 __all__ = ['SaliencyCallback', 'FullGradCallback', 'GradCAMCallback']
 
 # %% ../nbs/07_saliency.ipynb #e997bc4c
-_SALIENCY_METHODS = ('fullgrad', 'gradcam', 'cam')
+_SALIENCY_METHODS = tuple(methods.METHOD_TITLES)
 
 def _fmt_epoch(e:float) -> str: return f"{e:.0f}" if abs(e - round(e)) < 1e-6 else f"{e:.2f}"
 
@@ -65,7 +65,7 @@ class SaliencyCallback(Callback):
 
     @property
     def method_name(self) -> str:
-        return {'fullgrad': 'FullGrad', 'gradcam': 'Grad-CAM', 'cam': 'CAM'}.get(self.method, getattr(self.method, '__name__', 'saliency'))
+        return methods.METHOD_TITLES.get(self.method, getattr(self.method, '__name__', 'saliency'))
 
     def _setup_probes(self):
         "The probe batch, its labels (or None) and the Normalize of the data, built once without touching the random state"
@@ -111,10 +111,7 @@ class SaliencyCallback(Callback):
         if w is not None: w.close(ended=ended and not getattr(self, '_cancelled', False))
         self._cancelled = False
 
-    def _explain(self, model, xb, target):
-        if callable(self.method): return self.method(model, xb, target, **self.kwargs)
-        if self.method == 'fullgrad': return methods.fullgrad(model, xb, target=target, **self.kwargs)
-        return getattr(methods, self.method)(model, xb, self.layer, target=target, **self.kwargs)
+    def _explain(self, model, xb, target): return methods.saliency_maps(model, xb, self.method, self.layer, target, **self.kwargs)
 
     def _frame(self):
         "Predictions and maps of the probes with the model as it is now"
