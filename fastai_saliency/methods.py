@@ -13,12 +13,13 @@ from fastai.layers import AdaptiveConcatPool2d, Flatten as FastaiFlatten
 from .hooks import HookSet, Capture, GraphOutputs, graph_leaf, grad_node, find_layer, eval_mode, model_device
 
 # %% auto #0
-__all__ = ['METHOD_TITLES', 'describe_output', 'select_output', 'model_logits', 'resolve_target', 'backprop', 'scale_maps',
-           'last_conv_block', 'timm_root', 'attention_blocks', 'default_layer', 'layer_name', 'FeatureLayout',
-           'reshape_layout', 'feature_layout', 'to_feature_map', 'gradcam_map', 'layer_maps', 'gradcam', 'depth_layers',
-           'gradcam_layers', 'activation_maps', 'cam_terms', 'ApproximateCAMWarning', 'cam', 'layer_bias', 'point_bias',
-           'clamp_levels', 'fullgrad_sites', 'bias_layers', 'point_term', 'clamp_code', 'grad_times_input',
-           'fullgrad_terms', 'FullGradGapWarning', 'FullGradMap', 'fullgrad', 'saliency_maps', 'explained_backward']
+__all__ = ['METHOD_TITLES', 'prep_batch', 'describe_output', 'select_output', 'model_logits', 'resolve_target', 'backprop',
+           'scale_maps', 'last_conv_block', 'timm_root', 'attention_blocks', 'default_layer', 'layer_name',
+           'FeatureLayout', 'reshape_layout', 'feature_layout', 'to_feature_map', 'gradcam_map', 'layer_maps',
+           'gradcam', 'depth_layers', 'gradcam_layers', 'activation_maps', 'cam_terms', 'ApproximateCAMWarning', 'cam',
+           'layer_bias', 'point_bias', 'clamp_levels', 'fullgrad_sites', 'bias_layers', 'point_term', 'clamp_code',
+           'grad_times_input', 'fullgrad_terms', 'FullGradGapWarning', 'FullGradMap', 'fullgrad', 'saliency_maps',
+           'explained_backward']
 
 # %% ../nbs/04_methods.ipynb #672e306e
 def _f32(t:Tensor) -> Tensor:
@@ -29,8 +30,8 @@ def _f32(t:Tensor) -> Tensor:
 def _no_autocast(t:Tensor): return torch.autocast(t.device.type, enabled=False)
 
 # %% ../nbs/04_methods.ipynb #374faca1
-def _prep_input(model:nn.Module, xb:Tensor, grad:bool=False) -> Tensor:
-    "A plain-tensor leaf copy of `xb` on `model`'s device, in its floating dtype (that requires grad if `grad`)"
+def prep_batch(model:nn.Module, xb:Tensor, grad:bool=False) -> Tensor:
+    "A plain-tensor leaf copy of `xb` on `model`'s device, in its floating dtype (that requires grad if `grad`), or an error saying what is wrong with `xb`"
     if not isinstance(xb, Tensor): raise TypeError(f"xb must be a batch tensor (B,C,H,W), not {type(xb).__name__}")
     if xb.dim() != 4:
         raise ValueError(f"xb must be a batch of images (B,C,H,W), got shape {tuple(xb.shape)}; for one image pass xb[None]")
@@ -88,7 +89,7 @@ def model_logits(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as 
                  output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
                 ) -> Tensor:
     "The model's logits for `xb` in eval mode, without gradients, as float32 (what the maps are computed against)"
-    with eval_mode(model), torch.no_grad(): return _forward(model, _prep_input(model, xb), output).float()
+    with eval_mode(model), torch.no_grad(): return _forward(model, prep_batch(model, xb), output).float()
 
 # %% ../nbs/04_methods.ipynb #864634e9
 def resolve_target(target, # None (predicted class), an int, one int per image, or a callable on the logits returning those
@@ -126,7 +127,7 @@ def backprop(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the 
     hooks = listify(hooks)
     try:
         with eval_mode(model), torch.enable_grad():
-            x = _prep_input(model, xb, input_grad)
+            x = prep_batch(model, xb, input_grad)
             with nullcontext() if input_grad else torch.no_grad(): logits = _forward(model, x, output)
             for h in hooks: h.remove()
             t,score = _target_score(logits, target)
@@ -504,7 +505,7 @@ def _activation_means(model, xb, pairs, reshape=None, output=None) -> tuple:
         fm = feature_layout(model, n, o.shape, x.shape[-2:], _reshape_for(reshape, n), len(x), 'an activation map')(o)
         with _no_autocast(o): means[n] = _f32(fm).mean(1)
     with eval_mode(model), torch.no_grad():
-        x = _prep_input(model, xb)
+        x = prep_batch(model, xb)
         with Capture(model, pairs, grads=False, on_act=on_act): _forward(model, x, output)
     _check_called(pairs, means)
     return means, x

@@ -13,7 +13,7 @@ from torch import nn, Tensor
 from fastcore.basics import AttrDict
 from fastai.vision.core import imagenet_stats
 from .hooks import eval_mode, find_layer, model_device
-from .methods import resolve_target, depth_layers, scale_maps
+from .methods import resolve_target, depth_layers, scale_maps, prep_batch
 from .plot import to_image
 
 # %% auto #0
@@ -80,14 +80,6 @@ def item_boxes(dls, # `DataLoaders` whose validation items are a DataFrame with 
         w,h = dls.valid_ds[i][0].size      # the stored image (PIL size is (w,h)); resizing without a crop is assumed
         out.append(items.iloc[i][cols].to_numpy(dtype=float)*np.array([W/w, H/h, W/w, H/h]))
     return np.stack(out) if out else np.zeros((0, 4))
-
-# %% ../nbs/06a_scoring.ipynb #ecf3d40e
-def _as_batch(model:nn.Module, xb) -> Tensor:
-    "`xb` as a plain float tensor (B,C,H,W) on `model`'s device, detached"
-    if not isinstance(xb, Tensor): raise TypeError(f"xb must be a batch tensor (B,C,H,W), not {type(xb).__name__}")
-    if xb.dim() != 4: raise ValueError(f"xb must be a batch of images (B,C,H,W), got shape {tuple(xb.shape)}")
-    if not xb.is_floating_point(): raise ValueError(f"xb must be a float batch, normalised for the model; got {xb.dtype}")
-    return xb.detach().as_subclass(Tensor).to(model_device(model))
 
 # %% ../nbs/06a_scoring.ipynb #73b9e0d0
 def _as_maps(maps, x:Tensor) -> Tensor:
@@ -169,7 +161,7 @@ def perturbation_curve(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalis
                       ) -> AttrDict:
     "Deletion or insertion curve per image (`curve` (B,n_steps+1) at `fracs`) and its area `auc` (B,); eval mode, no grad"
     if mode not in ('deletion', 'insertion'): raise ValueError(f"mode must be 'deletion' or 'insertion', not {mode!r}")
-    x = _as_batch(model, xb)
+    x = prep_batch(model, xb)
     m = _as_maps(maps, x)
     B,C,H,W = x.shape
     N = H*W
@@ -339,7 +331,7 @@ def randomisation_check(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normali
                         keep_hooks:bool=False, # Keep the copy's hooks (models whose forward needs them)
                        ) -> RandomisationResult:
     "Cascading randomisation from the logits down, on a deep copy: Spearman correlation of each step's map with the first"
-    x = _as_batch(model, xb)
+    x = prep_batch(model, xb)
     rm = copy.deepcopy(model).eval()      # the original is never called, changed or put in another mode
     if not keep_hooks: _clear_hooks(rm)
     with torch.no_grad(): t = resolve_target(target, rm(x).as_subclass(Tensor))
