@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_adversarial.ipynb #bf358c9f
 from __future__ import annotations
-import shutil, tempfile, warnings
+import shutil, tempfile, warnings, functools
 from pathlib import Path
 import numpy as np
 import torch
@@ -249,9 +249,10 @@ def flagged_requests(capture, # The monitor's capture folder
     runs = [('clean', tc), ('served', ta)] if tc is not None else [('served', ta)]
     where = {name: t.find_items(ids) for name,t in runs}
     both = [i for i in ids if all(i in w for w in where.values())]
+    read = functools.cache(lambda t,s: t.tensors(s, 'predict', ['input', 'explained_class']))   # each step read once
+    item = lambda what,t,i: {k:v[where[what][i][1]] for k,v in read(t, where[what][i][0]).items()}
     if tc is not None:                       # requests the attack turned first: their clean prediction was another class
-        clean = lambda i: int(tc.tensor('explained_class').value(where['clean'][i][0], mode='predict')[where['clean'][i][1]])
-        both = sorted(both[:8*n], key=lambda i: clean(i) in flagged)
+        both = sorted(both[:8*n], key=lambda i: int(item('clean', tc, i)['explained_class']) in flagged)
     shown = both[:n]
     name = lambda c: str(vocab[c]) if vocab is not None else str(c)
     fig,axs = plt.subplots(max(len(shown), 1), 2*len(runs), figsize=(size*2*len(runs), size*max(len(shown), 1) + 0.5), squeeze=False)
@@ -259,9 +260,8 @@ def flagged_requests(capture, # The monitor's capture folder
     for r,i in enumerate(shown):
         for k,(what,t) in enumerate(runs):
             s,j = where[what][i]
-            x = t.tensor('input').value(s, mode='predict')[j]
-            c = int(t.tensor('explained_class').value(s, mode='predict')[j])
-            m = t.gradcam(layer, s, mode='predict', items=[j])[0]
+            r = item(what, t, i)
+            x,c,m = r['input'],int(r['explained_class']),t.gradcam(layer, s, mode='predict', items=[j])[0]
             axs[r, 2*k].imshow(to_image(x, stats)); axs[r, 2*k].set_title(f"{what} {i}: {name(c)}", fontsize=9)
             show_overlay(x, m, ax=axs[r, 2*k + 1], stats=stats)
             axs[r, 2*k + 1].set_title('Grad-CAM (from the store)', fontsize=9)

@@ -805,7 +805,8 @@ def check_trial(self:ClassImbalance, trial, # A `Trial`, or a snapshot folder
     self.reset()
     reports = {}
     for s in steps:
-        self.update(tp.value(s, mode), tt.value(s, mode))
+        ts = trial.tensors(s, mode, [preds, targs])             # each file of the step opened once
+        self.update(ts[preds], ts[targs])
         if per_step: reports[s] = self.report()
     self.last_report = self.report()
     return (self.last_report, reports) if per_step else self.last_report
