@@ -260,8 +260,8 @@ def flagged_requests(capture, # The monitor's capture folder
     for r,i in enumerate(shown):
         for k,(what,t) in enumerate(runs):
             s,j = where[what][i]
-            r = item(what, t, i)
-            x,c,m = r['input'],int(r['explained_class']),t.gradcam(layer, s, mode='predict', items=[j])[0]
+            req = item(what, t, i)
+            x,c,m = req['input'],int(req['explained_class']),t.gradcam(layer, s, mode='predict', items=[j])[0]
             axs[r, 2*k].imshow(to_image(x, stats)); axs[r, 2*k].set_title(f"{what} {i}: {name(c)}", fontsize=9)
             show_overlay(x, m, ax=axs[r, 2*k + 1], stats=stats)
             axs[r, 2*k + 1].set_title('Grad-CAM (from the store)', fontsize=9)
