@@ -25,6 +25,8 @@ import fastai_saliency.replay   # Trial.gradcam, Trial.find_items
 from .capture import read_capture
 from .monitor import PredictionMonitor, MonitorWarning, check_capture, plot_report
 from .evaluate import pointing_game, valid_boxes
+from .layers import default_layer, layer_name
+from .targets import model_logits, resolve_target, select_output
 
 # %% auto #0
 __all__ = ['pixel_stats', 'fgsm', 'box_masks', 'mass_share', 'changed_most', 'map_correlation', 'map_shift', 'flagged_requests',
@@ -56,7 +58,7 @@ def fgsm(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the mode
          steps:int=1, # 1: the fast gradient sign method; more: iterated, each step projected back to the `eps` ball
          step_size:float=None, # The change per step, in pixel units; default: `eps` for one step, else `2.5*eps/steps`
          norm=None, # The data's `Normalize` (`dls_norm(dls)`) or its `(mean, std)`; None: `xb` is pixels in [0, 1]
-         output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+         output=None, # Where the model returns more than the logits: an index, a key or a callable (see `targets.select_output`)
         ) -> Tensor:
     "An adversarial copy of `xb`, normalised like it, on the model's device: each pixel moved at most `eps` along the sign of the loss's gradient, kept in [0, 1]"
     for k,v in dict(eps=eps, step_size=step_size).items():
@@ -77,8 +79,8 @@ def fgsm(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the mode
         raise ValueError(f"xb in pixel units spans [{lo:.3g}, {hi:.3g}], not [0, 1]: {how}")
     pix0 = pix0.clamp(0, 1)
     if isinstance(target, Tensor): target = target.as_subclass(Tensor)
-    t = methods.resolve_target(target, methods.model_logits(model, x, output))    # None: the clean predictions, for every step
-    log_probs = lambda out: methods.select_output(out, output).float().log_softmax(1)
+    t = resolve_target(target, model_logits(model, x, output))    # None: the clean predictions, for every step
+    log_probs = lambda out: select_output(out, output).float().log_softmax(1)
     step = (eps if steps == 1 else 2.5*eps/steps) if step_size is None else step_size
     pix = pix0.clone()
     for _ in range(steps):
@@ -103,7 +105,7 @@ def adversarial(self:Learner, items=None, # None (the first `n` validation image
                 target=None, # None: away from the labels (or predictions); a class (name or index), or one per item: towards it
                 steps:int=1, # 1: FGSM; more: iterated (see `fgsm`)
                 step_size:float=None, n:int=4,
-                output=None, # Where the model returns more than the logits (see `methods.select_output`)
+                output=None, # Where the model returns more than the logits (see `targets.select_output`)
                ) -> AttrDict:
     "Adversarial versions of `items`: the clean batch `x`, `x_adv`, the labels `y` (or None), the attack's `target` and `eps`"
     xb,ys = items_batch(self, items, n)
@@ -126,7 +128,7 @@ def _show_attack(learn:Learner, r:AttrDict, method='gradcam', layer=None, amplif
     model,stats,vocab = unwrap_model(learn.model),dls_norm(learn.dls),getattr(learn.dls, 'vocab', None)
     name = lambda c: str(vocab[int(c)]) if vocab is not None else str(int(c))
     xs = (r.x.to(r.x_adv.device), r.x_adv)
-    probs = [methods.model_logits(model, x, output).softmax(1).cpu() for x in xs]
+    probs = [model_logits(model, x, output).softmax(1).cpu() for x in xs]
     maps = None if method is None else [_maps(model, x, method, layer, output).cpu() for x in xs]
     _,std = pixel_stats(stats, r.x.shape[1], r.x_adv.device)
     diff = ((xs[1] - xs[0])*std).cpu()
@@ -159,13 +161,13 @@ def show_adversarial(self:Learner, items=None, # None (the first `n` validation 
                      target=None, # None: away from the labels (or predictions); a class (name or index), or one per item: towards it
                      steps:int=1, # 1: FGSM; more: iterated (see `fgsm`)
                      method:str='gradcam', # The maps of both images: 'gradcam', 'fullgrad', 'cam', or None (no maps)
-                     layer=None, # The layer of Grad-CAM or CAM; default: `methods.default_layer`
+                     layer=None, # The layer of Grad-CAM or CAM; default: `layers.default_layer`
                      n:int=4,
                      amplify:float=None, # Show the difference times this; default: `0.5/eps` (-eps black, +eps white)
                      cmap='jet', alpha:float=0.5,
                      size:float=2.2, # Size of one panel in inches
                      step_size:float=None,
-                     output=None, # Where the model returns more than the logits (see `methods.select_output`)
+                     output=None, # Where the model returns more than the logits (see `targets.select_output`)
                     ):
     "Original, adversarial and their amplified difference for `items`, with the predictions and maps of both; returns the figure"
     r = self.adversarial(items, eps, target, steps, step_size, n, output)
@@ -277,7 +279,7 @@ def adversarial_story(learn:Learner, path, # A trained SynthSigns Learner, and i
                       steps:int=10, # Steps of the targeted attack
                       traffic=None, # Another `synth_signs` folder, all of it served as clean traffic; None: `path`'s validation images
                       method:str='gradcam', # The maps shown and measured (FullGrad is measured too)
-                      layer=None, # The layer of Grad-CAM; default: `methods.default_layer`
+                      layer=None, # The layer of Grad-CAM; default: `layers.default_layer`
                       n_show:int=4, # Attacked requests drawn
                       out=None, # A folder for the capture, the constraints, the checks and the snapshots; None: a temporary one, deleted after
                      ) -> dict:
@@ -295,13 +297,13 @@ def adversarial_story(learn:Learner, path, # A trained SynthSigns Learner, and i
     try:
         mon = PredictionMonitor.from_learner(learn, capture=out/'capture')
         mon.constraints.save(out/'constraints.json')
-        gl = methods.layer_name(model, layer)
+        gl = layer_name(model, layer)
         snap = SnapshotCallback(out/'snapshots', every=0, valid_every=0, predict_every=1, include=['input', 'logits', gl],
                                 fsync=False)
         _serve(learn, x, [mon, snap])
         served_clean,clean_run = mon.last_report,snap.end_predict()
         check_clean = check_capture(out/'capture', mon.constraints, out=out/'checks')
-        predict = lambda v: methods.model_logits(model, v).argmax(1)
+        predict = lambda v: model_logits(model, v).argmax(1)
         p0,others = predict(x),y != ti
         rows,attacked = [],None
         for e in eps:

@@ -5,7 +5,10 @@ from .hooks import *
 from .store import *
 from .data import *
 from .learn_io import *
+from .layers import *
+from .targets import *
 from .methods import *
+from .fullgrad import *
 from .plot import *
 from .snapshot import *
 from .scoring import *

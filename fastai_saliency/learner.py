@@ -13,6 +13,9 @@ from fastai.learner import Learner
 from .learn_io import items_batch, dl_batch, dls_norm, unwrap_model
 from . import methods
 from .plot import show_maps, show_overlay, to_image
+from .layers import depth_layers, layer_name
+from .targets import model_logits, resolve_target
+from .fullgrad import fullgrad as fullgrad_maps
 
 # %% auto #0
 __all__ = []
@@ -24,12 +27,12 @@ def _model(learn:Learner) -> nn.Module:
 
 # %% ../nbs/08_learner.ipynb #9d3cee45
 @patch
-def gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; default: `methods.default_layer`
+def gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; default: `layers.default_layer`
             items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
             target=None, # None (predicted class), an int, one int per image, or a callable on the logits
             relu:bool=True, n:int=4,
             reshape=None, # How to read an output that is not (B,C,h,w): 'nchw', 'nhwc', a token grid (h,w), a callable
-            output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+            output=None, # Where the model returns more than the logits: an index, a key or a callable (see `targets.select_output`)
            ) -> Tensor:
     "Grad-CAM maps (B,H,W) in [0,1] for `items` at `layer`"
     xb,_ = items_batch(self, items, n)
@@ -39,7 +42,7 @@ def gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; defau
 @patch
 def cam(self:Learner, items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
         target=None, layer=None, n:int=4,
-        output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+        output=None, # Where the model returns more than the logits: an index, a key or a callable (see `targets.select_output`)
        ) -> Tensor:
     "CAM maps (B,H,W) in [0,1] for `items` (a linearisation of the head, with a warning, where the head is not affine)"
     xb,_ = items_batch(self, items, n)
@@ -49,19 +52,19 @@ def cam(self:Learner, items=None, # None (the first `n` validation images), vali
 @patch
 def fullgrad(self:Learner, items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
              target=None, n:int=4,
-             output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+             output=None, # Where the model returns more than the logits: an index, a key or a callable (see `targets.select_output`)
             ) -> Tensor:
     "FullGrad maps (B,H,W) in [0,1] for `items`"
     xb,_ = items_batch(self, items, n)
-    return methods.fullgrad(_model(self), xb, target=target, output=output)
+    return fullgrad_maps(_model(self), xb, target=target, output=output)
 
 # %% ../nbs/08_learner.ipynb #5fb1e6aa
 def _titles(learn:Learner, xb, ys, target, output=None) -> tuple:
     "Per item: predicted class and probability (true and explained class if they differ); and the explained classes"
-    logits = methods.model_logits(_model(learn), xb, output)
+    logits = model_logits(_model(learn), xb, output)
     probs = logits.softmax(1).cpu()
     pred = probs.argmax(1)
-    t = methods.resolve_target(target, logits).cpu() if target is not None else pred
+    t = resolve_target(target, logits).cpu() if target is not None else pred
     vocab = getattr(learn.dls, 'vocab', None)
     name = lambda i: str(vocab[i]) if vocab is not None else str(int(i))
     titles = []
@@ -81,17 +84,17 @@ def _show(learn, xb, maps, titles, what, cmap, alpha, ncols, **kwargs):
 # %% ../nbs/08_learner.ipynb #ef3025a2
 @patch
 @delegates(show_maps, but=['images', 'maps', 'titles', 'stats'])
-def show_gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; default: `methods.default_layer`
+def show_gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; default: `layers.default_layer`
                  items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
                  target=None, # None (predicted class), an int, one int per image, or a callable on the logits
                  n:int=4, cmap='jet', alpha:float=0.5, ncols:int=2,
                  reshape=None, # How to read an output that is not (B,C,h,w): 'nchw', 'nhwc', a token grid (h,w), a callable
-                 output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+                 output=None, # Where the model returns more than the logits: an index, a key or a callable (see `targets.select_output`)
                  **kwargs):
     "Grad-CAM of `items` at `layer` overlaid on the images, titled with the predicted class; returns the figure"
     xb,ys = items_batch(self, items, n)
     model = _model(self)
-    name = methods.layer_name(model, layer)
+    name = layer_name(model, layer)
     titles,t = _titles(self, xb, ys, target, output)
     maps = methods.gradcam(model, xb, name, target=t, reshape=reshape, output=output)
     return _show(self, xb, maps, titles, f"Grad-CAM at {name!r}", cmap, alpha, ncols, **kwargs)
@@ -101,7 +104,7 @@ def show_gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; 
 @delegates(show_maps, but=['images', 'maps', 'titles', 'stats'])
 def show_cam(self:Learner, items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
              target=None, layer=None, n:int=4, cmap='jet', alpha:float=0.5, ncols:int=2,
-             output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+             output=None, # Where the model returns more than the logits: an index, a key or a callable (see `targets.select_output`)
              **kwargs):
     "CAM of `items` overlaid on the images (marked approximate where the head is not affine); returns the figure"
     xb,ys = items_batch(self, items, n)
@@ -116,12 +119,12 @@ def show_cam(self:Learner, items=None, # None (the first `n` validation images),
 @delegates(show_maps, but=['images', 'maps', 'titles', 'stats'])
 def show_fullgrad(self:Learner, items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
                   target=None, n:int=4, cmap='jet', alpha:float=0.5, ncols:int=2,
-                  output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+                  output=None, # Where the model returns more than the logits: an index, a key or a callable (see `targets.select_output`)
                   **kwargs):
     "FullGrad of `items` overlaid on the images, titled with the predicted class; returns the figure"
     xb,ys = items_batch(self, items, n)
     titles,t = _titles(self, xb, ys, target, output)
-    maps = methods.fullgrad(_model(self), xb, target=t, output=output)
+    maps = fullgrad_maps(_model(self), xb, target=t, output=output)
     return _show(self, xb, maps, titles, "FullGrad", cmap, alpha, ncols, **kwargs)
 
 # %% ../nbs/08_learner.ipynb #871cc570
@@ -151,10 +154,10 @@ def _layer_maps(learn:Learner, xb, method:str, layers, target, reshape=None, out
 @patch
 def layer_heatmaps(self:Learner, item=0, # A validation index, a file, a PIL image or a (C,H,W)/(1,C,H,W) tensor
                    method:str='gradcam', # 'gradcam' or 'activation' (channel-mean of each layer's output)
-                   layers=None, # Names, modules or regexes; default: `methods.depth_layers(self.model)`
+                   layers=None, # Names, modules or regexes; default: `layers.depth_layers(self.model)`
                    target=None, # None (predicted class) or a class index; Grad-CAM only
-                   reshape=None, # How to read outputs that are not (B,C,h,w) (see `methods.feature_layout`)
-                   output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+                   reshape=None, # How to read outputs that are not (B,C,h,w) (see `layers.feature_layout`)
+                   output=None, # Where the model returns more than the logits: an index, a key or a callable (see `targets.select_output`)
                   ) -> dict:
     "One image's maps (H,W) in [0,1] at `layers` (name -> map), in order from the first conv to the last"
     _check_method(method, target)
@@ -165,13 +168,13 @@ def layer_heatmaps(self:Learner, item=0, # A validation index, a file, a PIL ima
 @patch
 def show_layer_heatmaps(self:Learner, item=0, # A validation index, a file, a PIL image or a (C,H,W)/(1,C,H,W) tensor
                         method:str='gradcam', # 'gradcam' or 'activation' (channel-mean of each layer's output)
-                        layers=None, # Names, modules or regexes; default: `methods.depth_layers(self.model)`
+                        layers=None, # Names, modules or regexes; default: `layers.depth_layers(self.model)`
                         target=None, # None (predicted class) or a class index; Grad-CAM only
                         ncols:int=None, # Panels per row (default: up to 5)
                         cmap='jet', alpha:float=0.5,
                         size:float=2.2, # Size of one panel in inches
-                        reshape=None, # How to read outputs that are not (B,C,h,w) (see `methods.feature_layout`)
-                        output=None, # Where the model returns more than the logits: an index, a key or a callable (see `methods.select_output`)
+                        reshape=None, # How to read outputs that are not (B,C,h,w) (see `layers.feature_layout`)
+                        output=None, # Where the model returns more than the logits: an index, a key or a callable (see `targets.select_output`)
                        ):
     "The image, then its heatmap at each of `layers` titled with the layer and its native size; returns the figure"
     _check_method(method, target)
@@ -213,7 +216,7 @@ def _interp_batch(interp, idxs) -> tuple:
 def _class_maps(learn:Learner, xb, method, layer, target) -> tuple:
     "Maps (B,H,W) of `method` for the classes `target`, and the method's name for titles"
     model = _model(learn)
-    name = methods.layer_name(model, layer) if method == 'gradcam' else layer
+    name = layer_name(model, layer) if method == 'gradcam' else layer
     what = f"Grad-CAM at {name!r}" if method == 'gradcam' else methods.METHOD_TITLES.get(method, getattr(method, '__name__', 'saliency'))
     return methods.saliency_maps(model, xb, method, name, target),what
 
@@ -222,7 +225,7 @@ def _pred_true_maps(interp, idxs, method, layer) -> AttrDict:
     "For items `idxs` of `interp.dl`: batch, probabilities, predicted and true classes, the maps of both, the method's name"
     xb,y = _interp_batch(interp, idxs)
     model = _model(interp.learn)
-    probs = methods.model_logits(model, xb).softmax(1)
+    probs = model_logits(model, xb).softmax(1)
     pred = probs.argmax(1)
     mp,what = _class_maps(interp.learn, xb, method, layer, pred)
     mt,_ = _class_maps(interp.learn, xb, method, layer, y.to(pred.device))

@@ -12,6 +12,8 @@ from fastcore.basics import patch, listify, AttrDict
 from .hooks import name_matches, select_name
 from .store import Trial, TensorUnavailableForStep
 from . import methods, plot
+from .layers import FeatureLayout, reshape_layout
+from .fullgrad import FullGradMap, grad_times_input
 
 # %% auto #0
 __all__ = ['RunStalled', 'writer_alive', 'follow', 'watch']
@@ -70,12 +72,12 @@ def _pick(t:Tensor, items):
 def fullgrad(self:Trial, step:int=None, # An explained step; None: the last one
              mode:str='valid', # Its mode
              target=None, # None: the classes the step explains; else they must be the same (the store has their gradients only)
-             input_term:bool=True, # As in `methods.fullgrad`
-             align_corners:bool=True, # As in `methods.fullgrad`
-             max_stride:int|None=None, # As in `methods.fullgrad`
+             input_term:bool=True, # As in `fullgrad.fullgrad`
+             align_corners:bool=True, # As in `fullgrad.fullgrad`
+             max_stride:int|None=None, # As in `fullgrad.fullgrad`
              items=None, # Which images of the batch (indices or a slice); None: all
             ) -> Tensor:
-    "FullGrad maps (B,H,W) in [0,1] of a stored step, from the store alone: `methods.fullgrad`'s code on the stored pieces"
+    "FullGrad maps (B,H,W) in [0,1] of a stored step, from the store alone: `fullgrad.fullgrad`'s code on the stored pieces"
     step,ex = _explained(self, step, mode, 'FullGrad')
     if ex.get('fullgrad_error'): raise ValueError(ex['fullgrad_error'])
     pts = ex['points']
@@ -83,12 +85,12 @@ def fullgrad(self:Trial, step:int=None, # An explained step; None: the last one
     ts = _read(self, step, mode, names, 'FullGrad', {'input': "SnapshotCallback(include=None or [..., 'input'])"})
     _check_target(self, step, mode, target, len(ts['input']))
     x = _pick(ts['input'], items)
-    fm = methods.FullGradMap(x.shape[-2:], max_stride)
+    fm = FullGradMap(x.shape[-2:], max_stride)
     for p in pts:                            # in the order the backward pass reached them, as `fullgrad` adds them
         clamp = (_pick(ts[p['code']], items), tuple(p['levels'])) if p['kind'] == 'clamp' else None
         g = _pick(ts[p['grad']], items)
         fm.add_point(g, None if clamp else ts[p['bias']], p.get('trailing', False), clamp, p['channels_last'])
-    return fm.map(methods.grad_times_input(x, _pick(ts['input_grad'], items)), input_term, align_corners)
+    return fm.map(grad_times_input(x, _pick(ts['input_grad'], items)), input_term, align_corners)
 
 # %% ../nbs/09_replay.ipynb #7d4bcb98
 def _saved_layer(trial:Trial, layer, ex:dict) -> str:
@@ -123,11 +125,11 @@ def gradcam(self:Trial, layer=None, # A saved layer (name or regex); None: the m
                 f'{name}.output_grad': "SnapshotCallback(grads=True)"})
     acts,grads = ts[f'{name}.output'],ts[f'{name}.output_grad']
     _check_target(self, step, mode, target, len(grads))
-    if reshape is not None: lay = methods.reshape_layout(reshape, grads.shape, repr(name))
+    if reshape is not None: lay = reshape_layout(reshape, grads.shape, repr(name))
     else:
         d = ex['layouts'].get(name, {})
         if 'error' in d: raise ValueError(f"{d['error']} (found when {mode} step {step} was saved)")
-        lay = methods.FeatureLayout(d['fmt'], d['prefix'], d['grid'], why='stored')
+        lay = FeatureLayout(d['fmt'], d['prefix'], d['grid'], why='stored')
     return methods.scale_maps(methods.gradcam_map(_pick(acts, items), _pick(grads, items), lay, relu), ex['input_size'])
 
 # %% ../nbs/09_replay.ipynb #2f834664

@@ -9,6 +9,8 @@ from .hooks import model_device
 from .store import SnapshotWriter
 from .learn_io import in_main_fit, items_batch, dls_norm, default_probes, same_random_state, unwrap_model
 from . import methods, plot, scoring
+from .layers import layer_name
+from .targets import model_logits, resolve_target
 from matplotlib import animation
 
 # %% auto #0
@@ -77,7 +79,7 @@ class SaliencyCallback(Callback):
         self.norm = dls_norm(self.dls)
         self.vocab = getattr(self.dls, 'vocab', None)
         if self.method == 'gradcam' or (self.method == 'cam' and self.layer is not None):
-            self.layer = methods.layer_name(self.model, self.layer)   # a name, also for a module or regex
+            self.layer = layer_name(self.model, self.layer)   # a name, also for a module or regex
         self._setup_scores()
 
     def before_fit(self):
@@ -117,10 +119,10 @@ class SaliencyCallback(Callback):
         "Predictions and maps of the probes with the model as it is now"
         model = self.model
         xb = self.probe_xb.to(model_device(model))
-        logits = methods.model_logits(model, xb, self.kwargs.get('output'))
+        logits = model_logits(model, xb, self.kwargs.get('output'))
         if self.target == 'label': t = self.labels if self.labels is not None else logits.argmax(1)
         elif self.target in (None, 'pred'): t = logits.argmax(1)
-        else: t = methods.resolve_target(self.target, logits)
+        else: t = resolve_target(self.target, logits)
         t = torch.as_tensor(t).as_subclass(Tensor).long().to(logits.device)
         maps = self._explain(model, xb, t).detach()
         it = self.iters_done + self.train_iter

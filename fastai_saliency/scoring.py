@@ -13,8 +13,10 @@ from torch import nn, Tensor
 from fastcore.basics import AttrDict
 from fastai.vision.core import imagenet_stats
 from .hooks import eval_mode, find_layer, model_device
-from .methods import resolve_target, depth_layers, scale_maps, prep_batch
+from .methods import scale_maps
 from .plot import to_image
+from .layers import depth_layers
+from .targets import prep_batch, resolve_target
 
 # %% auto #0
 __all__ = ['pointing_hits', 'pointing_game', 'box_area_share', 'item_boxes', 'gaussian_blur', 'pixel_order', 'perturbation_curve',

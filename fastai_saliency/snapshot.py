@@ -11,6 +11,8 @@ from .hooks import find_layers, Capture
 from .store import SnapshotWriter, Trial
 from .learn_io import in_main_fit, in_validation, is_main_process, unwrap_model, dls_norm, item_ids, json_id
 from . import methods
+from .layers import default_layer, feature_layout
+from .fullgrad import explained_backward
 
 # %% auto #0
 __all__ = ['SnapshotCallback']
@@ -109,7 +111,7 @@ class SnapshotCallback(HookCallback):
 
     def _with_default_layer(self, model, layers, exc_mods) -> list:
         "`layers` and the layer `gradcam` uses by default (unless excluded), in model order"
-        try: d = find_layers(model, methods.default_layer(model), exclude=exc_mods)
+        try: d = find_layers(model, default_layer(model), exclude=exc_mods)
         except ValueError: return layers                 # a model without a conv layer or a transformer block
         order = {n:i for i,(n,_) in enumerate(model.named_modules())}
         return sorted(dict(layers + d).items(), key=lambda p: order[p[0]])
@@ -118,7 +120,7 @@ class SnapshotCallback(HookCallback):
         "What the run's `run.json` says about this fit: the selection, the options, the data's Normalize and vocab"
         name = lambda x: x if isinstance(x, (str, int)) else find_layers(model, x)[0][0] if isinstance(x, nn.Module) else str(x)
         norm = dls_norm(self.dls)
-        try: dflt = methods.default_layer(model)
+        try: dflt = default_layer(model)
         except ValueError: dflt = None
         vocab = getattr(self.dls, 'vocab', None)
         return dict(writer='SnapshotCallback', model=type(model).__name__, layers=[n for n,_ in self.layers],
@@ -264,7 +266,7 @@ class SnapshotCallback(HookCallback):
                           f"{what} steps are saved without explanation{' for the rest of this fit' if self._mode != 'predict' else ''} (see `explain=`)")
 
     def explain_batch(self, xb:Tensor, # A batch (B,C,H,W) on the model's device
-                  target, # As `methods.explained_backward` takes it
+                  target, # As `fullgrad.explained_backward` takes it
                   keep, # Called as `keep(name, tensor)` for each tensor to store
                   how:str='given', # Where `target` comes from, for the metadata
                  ) -> dict:
@@ -274,7 +276,7 @@ class SnapshotCallback(HookCallback):
             kept.add(n); shapes[n] = tuple(t.shape); keep(n, t)
         cap = Capture(model, self.layers, grads=self.grads, hook=self.hook, on_act=lambda n,a: self._keep_output(n, a, put),
                       on_grad=lambda n,g: put(f'{n}.output_grad', g))
-        r = methods.explained_backward(model, xb, target, cap, self.output)
+        r = explained_backward(model, xb, target, cap, self.output)
         if r.input_grad is not None: put('input_grad', r.input_grad)
         put('explained_class', r.target); put('target_logit', r.score)
         n_calls,call,saved = {},[],{n for n,_ in self.layers}
@@ -295,7 +297,7 @@ class SnapshotCallback(HookCallback):
         for n,_ in self.layers:
             if f'{n}.output_grad' not in shapes: continue
             try:
-                l = methods.feature_layout(model, n, shapes[f'{n}.output_grad'], size, batch_size=len(xb), what='Grad-CAM')
+                l = feature_layout(model, n, shapes[f'{n}.output_grad'], size, batch_size=len(xb), what='Grad-CAM')
                 lays[n] = dict(fmt=l.fmt, prefix=l.prefix, grid=l.grid)
             except ValueError as e: lays[n] = dict(error=str(e))
         return dict(grads='target_logits', target=how, input_size=list(size), points=pts, layouts=lays,
