@@ -16,6 +16,8 @@ export JUPYTER_DATA_DIR := $(CACHE)/jupyter-data
 export MPLBACKEND := Agg
 export PYTHONWARNINGS := ignore::FutureWarning:torch.jit._script
 DEMO_ARGS ?=
+# pytest on both cores, a test file per worker (module fixtures are trained once); PYTEST_N= runs it in one process
+PYTEST_N ?= -n 2 --dist loadfile
 DEMO_OUT := demo_out
 
 .PHONY: demo test venv export check-export nbtest browser pytest compat clean
@@ -64,7 +66,7 @@ browser:
 
 pytest: $(VENV)/.installed
 	@echo "==> pytest tests/ with the pinned stack"
-	time OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests/ -q
+	time OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests/ -q $(PYTEST_N)
 
 # The compatibility venv takes what the newest fastai needs from PyPI into its own site-packages, and borrows the rest
 # (torch and torchvision, 5 GB, are the same versions) from $(VENV): a .pth file appends $(VENV)'s site-packages to
@@ -81,7 +83,7 @@ $(COMPAT)/.installed: requirements-compat.txt settings.ini setup.py $(VENV)/.ins
 compat: $(COMPAT)/.installed
 	@echo "==> Compatibility run: pytest tests/ against the exported library with the newest fastai"
 	@$(COMPAT)/bin/python -c "import fastai, fastcore; print('fastai', fastai.__version__, 'fastcore', fastcore.__version__)"
-	time OMP_NUM_THREADS=1 $(COMPAT)/bin/python -m pytest tests/ -q
+	time OMP_NUM_THREADS=1 $(COMPAT)/bin/python -m pytest tests/ -q $(PYTEST_N)
 
 test: check-export nbtest browser pytest compat
 

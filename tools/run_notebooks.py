@@ -10,23 +10,46 @@ from fastcore.xtras import working_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 
+def html_progress():
+    "fastai's progress bars and training tables as HTML, as Jupyter shows them, not as text bars (before fastai is imported)"
+    import fastprogress.fastprogress as fp
+    fp.IN_NOTEBOOK = True
+    fp.master_bar,fp.progress_bar = fp.NBMasterBar,fp.NBProgressBar
+
 def _skip(cell) -> bool:
     "Cells `nbdev_test` would not run either: markdown, the export call, `#| eval: false`"
     if cell.cell_type != 'code': return True
     src = cell.source
     return 'nbdev_export' + '(' in src or bool(re.search(r'^#\|\s*eval:\s*false', src, re.M | re.I))
 
+def _html(o) -> str: return ''.join(o.get('data', {}).get('text/html', ''))
+
+def _progress(outs) -> list:
+    "HTML progress outputs: bars dropped (each update is an output), a training table kept once (its last state), bars out of it"
+    html = [_html(o) for o in outs]
+    tables = [i for i,h in enumerate(html) if '<th>epoch</th>' in h]
+    keep = []
+    for i,(o,h) in enumerate(zip(outs, html)):
+        if not h or i in tables[-1:]: keep.append(o); continue
+        if '<progress' in h or (h.strip().startswith('<style>') and 'progress' in h) or i in tables: continue
+        keep.append(o)
+    for o in keep:
+        h = _html(o)
+        if '<th>epoch</th>' in h:
+            o['data'] = {'text/html': re.sub(r'<div>\s*<progress.*?</div>', '', h, flags=re.S), 'text/plain': ['(the training table)']}
+    return keep
+
 def _size(o) -> int: return len(str(o.get('data', o.get('text', ''))))
 
 def run(fn:Path, max_kb:int) -> float:
     nb = read_nb(fn)
     t0 = time.time()
-    sh = CaptureShell(fn)
+    sh = CaptureShell(fn, mpl_format='png')   # 'retina' (the default) doubles every figure's pixels
     with working_directory(fn.parent): sh.run_all(nb, exc_stop=True, preproc=_skip)
     for c in nb.cells:
         if c.cell_type != 'code': continue
         outs = []
-        for o in c.get('outputs', []):
+        for o in _progress(c.get('outputs', [])):
             if o.get('output_type') == 'stream' and o.get('name') == 'stderr': continue     # warnings and progress: noise
             if _size(o) > max_kb*1024:
                 outs.append(dict(output_type='stream', name='stdout',
@@ -42,6 +65,7 @@ if __name__ == '__main__':
     p.add_argument('--max-kb', type=int, default=400, help='drop single outputs larger than this (default: 400 kB)')
     a = p.parse_args()
     os.environ.setdefault('MPLBACKEND', 'Agg')
+    html_progress()
     fns = [ROOT/'nbs'/(n if n.endswith('.ipynb') else n + '.ipynb') for n in a.names] or sorted((ROOT/'nbs').glob('[0-9]*.ipynb'))
     for fn in fns:
         print(f'{fn.name}: {run(fn, a.max_kb):.0f} s', flush=True)
