@@ -14,7 +14,7 @@ from .learn_io import items_batch, dl_batch, dls_norm, unwrap_model
 from . import methods
 from .plot import show_maps, show_overlay, to_image
 from .layers import depth_layers, layer_name
-from .targets import model_logits, resolve_target
+from .targets import model_logits, resolve_target, learn_target, prediction_titles, Target
 from .fullgrad import fullgrad as fullgrad_maps
 
 # %% auto #0
@@ -29,14 +29,14 @@ def _model(learn:Learner) -> nn.Module:
 @patch
 def gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; default: `layers.default_layer`
             items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
-            target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+            target=None, # None (the task's default: predicted class, most probable label, most present class), an int, a class name, one per image, a `Region`, or a callable on the output
             relu:bool=True, n:int=4,
             reshape=None, # How to read an output that is not (B,C,h,w): 'nchw', 'nhwc', a token grid (h,w), a callable
             output=None, # Where the model returns more than the logits: an index, a key or a callable (see `targets.select_output`)
            ) -> Tensor:
     "Grad-CAM maps (B,H,W) in [0,1] for `items` at `layer`"
     xb,_ = items_batch(self, items, n)
-    return methods.gradcam(_model(self), xb, layer, target=target, relu=relu, reshape=reshape, output=output)
+    return methods.gradcam(_model(self), xb, layer, target=learn_target(self, target), relu=relu, reshape=reshape, output=output)
 
 # %% ../nbs/08_learner.ipynb #59464775
 @patch
@@ -46,7 +46,7 @@ def cam(self:Learner, items=None, # None (the first `n` validation images), vali
        ) -> Tensor:
     "CAM maps (B,H,W) in [0,1] for `items` (a linearisation of the head, with a warning, where the head is not affine)"
     xb,_ = items_batch(self, items, n)
-    return methods.cam(_model(self), xb, layer=layer, target=target, output=output)
+    return methods.cam(_model(self), xb, layer=layer, target=learn_target(self, target), output=output)
 
 # %% ../nbs/08_learner.ipynb #e52ce186
 @patch
@@ -56,24 +56,16 @@ def fullgrad(self:Learner, items=None, # None (the first `n` validation images),
             ) -> Tensor:
     "FullGrad maps (B,H,W) in [0,1] for `items`"
     xb,_ = items_batch(self, items, n)
-    return fullgrad_maps(_model(self), xb, target=target, output=output)
+    return fullgrad_maps(_model(self), xb, target=learn_target(self, target), output=output)
 
 # %% ../nbs/08_learner.ipynb #5fb1e6aa
 def _titles(learn:Learner, xb, ys, target, output=None) -> tuple:
-    "Per item: predicted class and probability (true and explained class if they differ); and the explained classes"
-    logits = model_logits(_model(learn), xb, output)
-    probs = logits.softmax(1).cpu()
-    pred = probs.argmax(1)
-    t = resolve_target(target, logits).cpu() if target is not None else pred
-    vocab = getattr(learn.dls, 'vocab', None)
-    name = lambda i: str(vocab[i]) if vocab is not None else str(int(i))
-    titles = []
-    for k in range(len(xb)):
-        s = f"{name(pred[k])} {probs[k, pred[k]].item():.2f}"
-        if ys is not None and int(ys[k]) != int(pred[k]): s += f"\ntrue: {name(ys[k])}"
-        if int(t[k]) != int(pred[k]): s += f"\nmap for: {name(t[k])}"
-        titles.append(s)
-    return titles, t
+    "Per item, what the model predicted for the learner's task (see `prediction_titles`); and the `Target` the maps explain, resolved per image"
+    tgt = learn_target(learn, target)
+    out = model_logits(_model(learn), xb, output)
+    t = tgt.indices(out)
+    if not (t < 0).any() and tgt.task != 'segment' and not callable(tgt.target): tgt = Target(t, tgt.task, tgt.vocab, tgt.thresh)
+    return prediction_titles(out, tgt, ys), tgt
 
 # %% ../nbs/08_learner.ipynb #65bb1ebe
 def _show(learn, xb, maps, titles, what, cmap, alpha, ncols, **kwargs):

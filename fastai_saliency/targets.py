@@ -13,7 +13,7 @@ from .layers import describe_output
 
 # %% auto #0
 __all__ = ['TASKS', 'prep_batch', 'select_output', 'model_logits', 'output_task', 'loss_task', 'Region', 'Target',
-           'resolve_target', 'target_score', 'learn_task', 'data_vocab', 'learn_target']
+           'resolve_target', 'target_score', 'learn_task', 'data_vocab', 'learn_target', 'prediction_titles']
 
 # %% ../nbs/03b_targets.ipynb #672e306e
 def f32(t:Tensor) -> Tensor:
@@ -282,3 +282,47 @@ def learn_target(learn, target=None, # What `Target` takes; a `Target` keeps its
     "`target` as a `Target` with `learn`'s task, vocab (or codes) and multi-label threshold"
     if isinstance(target, Target) and target.task is not None: return target
     return Target(target, learn_task(learn), data_vocab(learn.dls), getattr(learn.loss_func, 'thresh', 0.5))
+
+# %% ../nbs/03b_targets.ipynb #26931ae8
+def _label_names(ids, name) -> str: return ', '.join(name(int(c)) for c in ids) or 'none'
+
+# %% ../nbs/03b_targets.ipynb #f2be04fc
+def prediction_titles(out:Tensor, # The model's output (B,...)
+                      target=None, # What the maps explain: what `Target` takes, or a `Target` (its task, vocab, threshold)
+                      ys=None, # The true targets where known: classes (B,), one-hot labels (B,n), values; masks are not shown
+                      max_values:int=4, # Regression: at most this many predicted values per title
+                     ) -> list:
+    "One title per image: what the model predicted (per task), the truth where it differs, and what the map explains"
+    tgt = target if isinstance(target, Target) else Target(target)
+    o = out.detach().float().cpu()
+    task,idx = output_task(o, tgt.task),tgt.indices(o).cpu()
+    vocab = tgt.vocab
+    name = lambda i: str(vocab[i]) if vocab is not None and 0 <= i < len(vocab) else str(i)
+    ys = None if ys is None else torch.as_tensor(ys).detach().cpu()
+    res = []
+    for k in range(len(o)):
+        e = int(idx[k])
+        if task == 'single':
+            p = o[k].softmax(0); pred = int(p.argmax())
+            s = f"{name(pred)} {p[pred].item():.2f}"
+            if ys is not None and ys.dim() == 1 and int(ys[k]) != pred: s += f"\ntrue: {name(int(ys[k]))}"
+            if e != pred: s += f"\nmap for: {name(e) if e >= 0 else 'the given score'}"
+        elif task == 'multi':
+            p = o[k].sigmoid(); on = (p > tgt.thresh).nonzero()[:, 0]
+            s = ', '.join(f"{name(int(c))} {p[c].item():.2f}" for c in on) or f"no label above {tgt.thresh:g}"
+            if ys is not None and ys.dim() == 2 and set(ys[k].nonzero()[:, 0].tolist()) != set(on.tolist()):
+                s += f"\ntrue: {_label_names(ys[k].nonzero()[:, 0], name)}"
+            s += f"\nmap for: {name(e) if e >= 0 else 'the given score'}"
+        elif task == 'segment':
+            pred = o[k].argmax(0)
+            s = f"map for: {name(e)} ({(pred == e).float().mean().item():.0%} of pixels)" if e >= 0 else "map for: the given score"
+            present = [c for c in pred.unique().tolist() if c != 0]
+            s = f"predicted: {_label_names(present, name)}\n" + s
+        else:
+            v = o[k].flatten()
+            s = "pred: " + ', '.join(f"{x:.2f}" for x in v[:max_values].tolist()) + (', ...' if len(v) > max_values else '')
+            if ys is not None and ys[k].numel() == len(v):
+                s += "\ntrue: " + ', '.join(f"{x:.2f}" for x in ys[k].flatten()[:max_values].tolist())
+            s += f"\nmap for: {'output ' + str(e) if e >= 0 else 'the given score'}"
+        res.append(s)
+    return res
