@@ -123,7 +123,8 @@ class SaliencyCallback(Callback):
         logits = model_logits(model, xb, self.kwargs.get('output'))
         tgt = self._frame_target()
         t = tgt.indices(logits)
-        maps = self._explain(model, xb, tgt).detach()
+        single = self.task in (None, 'single') and logits.dim() == 2 and not (t < 0).any()
+        maps = self._explain(model, xb, t if single else tgt).detach()   # single-label: class indices, as methods always took
         it = self.iters_done + self.train_iter
         info = dict(epoch=it/self.n_batches, iteration=it)
         self._maps.append(maps.to('cpu', torch.float16)); self._logits.append(logits.cpu()); self._targets.append(t.cpu())

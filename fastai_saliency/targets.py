@@ -13,7 +13,8 @@ from .layers import describe_output
 
 # %% auto #0
 __all__ = ['TASKS', 'prep_batch', 'select_output', 'model_logits', 'output_task', 'loss_task', 'Region', 'Target',
-           'resolve_target', 'target_score', 'learn_task', 'data_vocab', 'learn_target', 'prediction_titles']
+           'resolve_target', 'target_score', 'fixed_target', 'target_rows', 'target_probability', 'learn_task',
+           'data_vocab', 'learn_target', 'prediction_titles']
 
 # %% ../nbs/03b_targets.ipynb #672e306e
 def f32(t:Tensor) -> Tensor:
@@ -248,6 +249,50 @@ def target_score(out:Tensor, # The model's output (B,...), with its graph
                 ) -> tuple:
     "`(explained, score)`: the index explained per image (B,) (-1 where a callable gave scores) and the score (B,) to backpropagate"
     return Target(target, task, vocab).explain(out)
+
+# %% ../nbs/03b_targets.ipynb #fb79d3d0
+def _target_region(tgt, out:Tensor, idx:Tensor) -> Tensor:
+    "The region (B,H,W) a segmentation target sums over: its `Region`'s, or the pixels `out` predicts as `idx`"
+    t = tgt.target
+    return t.masks(out) if isinstance(t, Region) else (out.detach().argmax(1) == idx[:, None, None]).to(out.dtype)
+
+# %% ../nbs/03b_targets.ipynb #63623041
+def fixed_target(out:Tensor, # The clean images' output
+                 target=None, # What `Target` takes, or a `Target`
+                 task:str=None, vocab=None) -> Target:
+    "`target` resolved on `out` and fixed per image: the same indices (segmentation: the same region) for other outputs of these images"
+    tgt = Target(target, task, vocab)
+    if callable(tgt.target) and not isinstance(tgt.target, Region): return tgt      # a function of each output: as it is
+    task,idx = output_task(out, tgt.task),tgt.indices(out)
+    if task == 'segment': return Target(Region(idx, mask=_target_region(tgt, out, idx)), task, tgt.vocab, tgt.thresh)
+    return Target(idx, task, tgt.vocab, tgt.thresh)
+
+# %% ../nbs/03b_targets.ipynb #1953dcb6
+def target_rows(t:Target, rows:Tensor) -> Target:
+    "The fixed target `t` (see `fixed_target`) of the images `rows`: a batch made of copies of those images"
+    r = t.target
+    if isinstance(r, Region):
+        c,m = torch.as_tensor(r.c),torch.as_tensor(r.mask)
+        return Target(Region(c[rows.to(c.device)] if c.dim() else c, mask=m[rows.to(m.device)] if m.dim() == 3 else m), t.task, t.vocab, t.thresh)
+    if isinstance(r, Tensor) and r.dim() == 1: return Target(r[rows.to(r.device)], t.task, t.vocab, t.thresh)
+    return t
+
+# %% ../nbs/03b_targets.ipynb #acbafa0b
+def target_probability(out:Tensor, # The model's output (B,...)
+                       target, # What `Target` takes, or a `Target`
+                       prob:bool=True, # False: the score itself (logit, region sum, value)
+                      ) -> Tensor:
+    "Per image (B,), the target's probability: softmax (single-label), sigmoid (multi-label), mean class probability over its region (segmentation); regression: the value"
+    tgt = target if isinstance(target, Target) else Target(target)
+    task = output_task(out, tgt.task)
+    if not prob or task == 'regress': return tgt(out)
+    if task == 'multi': return tgt(out).sigmoid()
+    idx = tgt.indices(out)
+    p = out.softmax(1)
+    if task == 'single': return p.gather(1, idx[:, None])[:, 0]
+    m = _target_region(tgt, out, idx)
+    pc = p.gather(1, idx[:, None, None, None].expand(-1, 1, *out.shape[-2:]))[:, 0]
+    return (pc*m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
 
 # %% ../nbs/03b_targets.ipynb #27ef06a1
 def _mask_targets(dls) -> bool:

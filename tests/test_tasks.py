@@ -204,3 +204,35 @@ def test_callbacks_every_task(task_learners, task, tmp_path, fresh):
     tgt = Region(ex, mask=tr.tensor('target').value(steps[-1], 'valid') == ex[:, None, None]) if task == 'segment' else ex
     live = gradcam(learn.model, x, lay, target=Target(tgt, learn_task(learn)))
     torch.testing.assert_close(m, live, atol=1e-4, rtol=0)
+
+@pytest.mark.parametrize('task', ['multi', 'segment'])
+def test_top_losses_heatmaps_every_task(task_learners, task):
+    import matplotlib.pyplot as plt
+    from fastai.interpret import ClassificationInterpretation, SegmentationInterpretation
+    learn = task_learners[task]
+    interp = (SegmentationInterpretation if task == 'segment' else ClassificationInterpretation).from_learner(learn)
+    fig = interp.plot_top_losses(3, heatmap=True, layer=None if task == 'segment' else LAYER)
+    titles = [a.get_title() for a in fig.axes if a.get_title()]
+    if task == 'segment': assert sum(t in ('true', 'predicted') for t in titles) == 6 and sum('IoU' in t for t in titles) == 3
+    else: assert sum(t.startswith('pred: ') for t in titles) == 3 and any('missed' in t or 'not there' in t for t in titles)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="this learner's task is 'regress'"):
+        SegmentationInterpretation.from_learner(task_learners['points']).plot_top_losses(2, heatmap=True)
+
+@pytest.mark.parametrize('task', ['multi', 'segment', 'points'])
+def test_deletion_insertion_every_task(task_learners, task):
+    "Deletion and insertion score the clean images' target (segmentation: its clean region) on every perturbed copy"
+    from fastai_saliency.scoring import perturbation_curve
+    from fastai_saliency.targets import fixed_target, target_probability
+    learn = task_learners[task]
+    model,x = learn.model.eval(),_valid(learn, 3)[0]
+    tgt = learn_target(learn, 1 if task == 'points' else None)
+    maps = gradcam(model, x, 'layers.7' if task == 'segment' else LAYER, target=tgt)
+    with torch.no_grad(): out = model(x).as_subclass(torch.Tensor)
+    ft = fixed_target(out, tgt)
+    for mode in ('deletion', 'insertion'):
+        r = perturbation_curve(model, x, maps, mode, tgt, n_steps=4)
+        assert r.curve.shape == (3, 5) and r.curve.isfinite().all()
+        end = 0 if mode == 'deletion' else -1                            # the unperturbed image
+        torch.testing.assert_close(r.curve[:, end], target_probability(out, ft).float(), atol=1e-5, rtol=1e-5)
+        if task != 'points': assert ((r.curve >= 0) & (r.curve <= 1)).all()
