@@ -60,16 +60,28 @@ def fullgrad(self:Learner, items=None, # None (the first `n` validation images),
 
 # %% ../nbs/08_learner.ipynb #5fb1e6aa
 def _titles(learn:Learner, xb, ys, target, output=None) -> tuple:
-    "Per item, what the model predicted for the learner's task (see `prediction_titles`); and the `Target` the maps explain, resolved per image"
+    "Per item, what the model predicted for the learner's task (see `prediction_titles`); and what the maps explain: class indices (single-label), else a `Target`"
     tgt = learn_target(learn, target)
     out = model_logits(_model(learn), xb, output)
     t = tgt.indices(out)
-    if not (t < 0).any() and tgt.task != 'segment' and not callable(tgt.target): tgt = Target(t, tgt.task, tgt.vocab, tgt.thresh)
-    return prediction_titles(out, tgt, ys), tgt
+    titles = prediction_titles(out, tgt, ys)
+    if (t < 0).any() or tgt.task == 'segment' or callable(tgt.target): return titles,tgt
+    return titles,(t.cpu() if tgt.task in (None, 'single') and out.dim() == 2 else Target(t, tgt.task, tgt.vocab, tgt.thresh))
+
+# %% ../nbs/08_learner.ipynb #2551a937
+def _outline(fig, learn, xb, titles, target):
+    "Segmentation: outline, on each map, the pixels the model predicts as the explained class (white)"
+    out = model_logits(_model(learn), xb)
+    idx = target.indices(out)
+    masks = (out.argmax(1) == idx[:, None, None]).float().cpu().numpy()
+    axs = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    for t,m in zip(titles, masks):
+        if t in axs and m.any() and not m.all(): axs[t].contour(m, levels=[.5], colors='white', linewidths=1)
 
 # %% ../nbs/08_learner.ipynb #65bb1ebe
-def _show(learn, xb, maps, titles, what, cmap, alpha, ncols, **kwargs):
+def _show(learn, xb, maps, titles, what, cmap, alpha, ncols, target=None, **kwargs):
     fig = show_maps(xb, maps, titles=titles, stats=dls_norm(learn.dls), cmap=cmap, alpha=alpha, ncols=ncols, **kwargs)
+    if isinstance(target, Target) and target.task == 'segment': _outline(fig, learn, xb, titles, target)
     fig.suptitle(what); fig.tight_layout()
     return fig
 
@@ -89,7 +101,7 @@ def show_gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; 
     name = layer_name(model, layer)
     titles,t = _titles(self, xb, ys, target, output)
     maps = methods.gradcam(model, xb, name, target=t, reshape=reshape, output=output)
-    return _show(self, xb, maps, titles, f"Grad-CAM at {name!r}", cmap, alpha, ncols, **kwargs)
+    return _show(self, xb, maps, titles, f"Grad-CAM at {name!r}", cmap, alpha, ncols, target=t, **kwargs)
 
 # %% ../nbs/08_learner.ipynb #2d7f5095
 @patch
@@ -104,7 +116,7 @@ def show_cam(self:Learner, items=None, # None (the first `n` validation images),
     r = methods.cam_terms(_model(self), xb, layer=layer, target=t, output=output)
     maps = methods.scale_maps(r.map, xb.shape[-2:])
     what = f"CAM at {r.layer!r}" + ("" if r.exact else " (head linearised: approximate)")
-    return _show(self, xb, maps, titles, what, cmap, alpha, ncols, **kwargs)
+    return _show(self, xb, maps, titles, what, cmap, alpha, ncols, target=t, **kwargs)
 
 # %% ../nbs/08_learner.ipynb #5138171c
 @patch
@@ -117,7 +129,7 @@ def show_fullgrad(self:Learner, items=None, # None (the first `n` validation ima
     xb,ys = items_batch(self, items, n)
     titles,t = _titles(self, xb, ys, target, output)
     maps = fullgrad_maps(_model(self), xb, target=t, output=output)
-    return _show(self, xb, maps, titles, "FullGrad", cmap, alpha, ncols, **kwargs)
+    return _show(self, xb, maps, titles, "FullGrad", cmap, alpha, ncols, target=t, **kwargs)
 
 # %% ../nbs/08_learner.ipynb #871cc570
 _LAYER_METHODS = dict(gradcam='Grad-CAM', activation='Mean activation')   # the names `method` takes and figure titles

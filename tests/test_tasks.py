@@ -160,7 +160,9 @@ def test_learner_methods_every_task(task_learners, task):
     if task == 'points':
         with pytest.raises(ValueError, match='this regression model has 4 outputs'): learn.show_gradcam(n=2)
     else:
-        fig = learn.show_gradcam(n=2); plt.close(fig)
+        fig = learn.show_gradcam(n=2)
+        if task == 'segment': assert any(a.collections for a in fig.axes)     # the predicted region's outline
+        plt.close(fig)
         fig = learn.show_fullgrad(target=learn_target(learn).vocab[2], n=2)
         titles = [a.get_title() for a in fig.axes if a.get_title()]
         assert all(f"map for: {learn_target(learn).vocab[2]}" in s for s in titles), titles
