@@ -126,6 +126,10 @@ def test_fullgrad_complete_on_dynamic_unet():
         assert r.gap.max() < 1e-6, (t, r.gap)
         assert r.target_logit.abs().min() > 0
     assert len({n.split('.')[1] for n in r.names if n.startswith('layers.')}) >= 8     # terms from encoder and decoder
+    # the gap above is float32 rounding: DynamicUnet's last layer (ToTensorBase) returns float32 logits. Without it, exact
+    assert type(m.layers[-1]).__name__ == 'ToTensorBase'
+    m.layers[-1] = nn.Identity()
+    for t in (None, Region(2, box=(4, 4, 20, 28))): assert fullgrad_terms(m, x, target=t).gap.max() < 1e-12
 
 def test_fullgrad_complete_on_multilabel_and_regression_heads(task_learners):
     for task in ('multi', 'points'):
