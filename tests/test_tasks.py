@@ -3,7 +3,7 @@ import pytest, torch, numpy as np
 from torch import nn
 from fastai.vision.all import DynamicUnet, create_body, resnet18, vision_learner, set_seed
 from fastai_saliency.methods import gradcam, default_layer
-from fastai_saliency.fullgrad import fullgrad_terms
+from fastai_saliency.fullgrad import fullgrad_terms, fullgrad
 import fastai_saliency.learner
 from fastai_saliency.targets import Target, Region, learn_target, learn_task
 from fastai_saliency.test_utils import randomize_bn
@@ -210,6 +210,7 @@ def test_callbacks_every_task(task_learners, task, tmp_path, fresh):
     tgt = Region(ex, mask=tr.tensor('target').value(steps[-1], 'valid') == ex[:, None, None]) if task == 'segment' else ex
     live = gradcam(learn.model, x, lay, target=Target(tgt, learn_task(learn)))
     torch.testing.assert_close(m, live, atol=1e-4, rtol=0)
+    torch.testing.assert_close(tr.fullgrad(step=steps[-1]), fullgrad(learn.model, x, target=Target(tgt, learn_task(learn))), atol=1e-4, rtol=0)
 
 @pytest.mark.parametrize('task', ['multi', 'segment'])
 def test_top_losses_heatmaps_every_task(task_learners, task):
