@@ -4,14 +4,15 @@
 
 # %% ../nbs/02_data.ipynb #6fd806c7
 from __future__ import annotations
-import csv, math
+import csv, math, re
 import numpy as np
 from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter
 from fastai.vision.all import *
 
 # %% auto #0
-__all__ = ['SIGN_CLASSES', 'SIGN_NAMES', 'render_sign', 'synth_signs', 'read_boxes', 'synth_signs_dls', 'read_gtsrb']
+__all__ = ['SIGN_CLASSES', 'SIGN_NAMES', 'SCENE_TASKS', 'render_sign', 'synth_signs', 'read_boxes', 'synth_signs_dls',
+           'render_scene', 'synth_scenes', 'synth_scenes_dls', 'read_gtsrb']
 
 # %% ../nbs/02_data.ipynb #f8e2dbeb
 SIGN_CLASSES = (
@@ -183,6 +184,92 @@ def synth_signs_dls(path, bs:int=64, # Batch size
     if batch_tfms is None: batch_tfms = [Normalize.from_stats(*imagenet_stats)]
     return ImageDataLoaders.from_df(df, path, fn_col='fname', label_col='label', valid_col='is_valid',
                                     bs=bs, item_tfms=item_tfms, batch_tfms=batch_tfms, **kwargs)
+
+# %% ../nbs/02_data.ipynb #6e7beca6
+def render_scene(labels, # The classes of the signs, one per sign (different classes)
+                 size:int=64, seed:int=0, scale=(0.14, 0.2), ss:int=4):
+    "Image (PIL) of signs of `labels` side by side, their mask (PIL, 0 background, `label+1` on each sign) and centres `[(x,y)...]` in pixels"
+    labels = list(labels)
+    bad = [l for l in labels if not 0 <= l < len(SIGN_CLASSES)]
+    if bad or not labels: raise ValueError(f"labels must be one or more classes in 0..{len(SIGN_CLASSES)-1}, got {labels}")
+    rng = np.random.default_rng([seed, *labels])
+    S,n = size*ss,len(labels)
+    img = _background(rng, S)
+    mask = Image.new('L', (S, S), 0)
+    d,dm,centres = ImageDraw.Draw(img),ImageDraw.Draw(mask),[]
+    for i,label in enumerate(labels):                          # sign i in the i-th vertical strip
+        name,shape,border,fill,symbol,scol = SIGN_CLASSES[label]
+        r = min(rng.uniform(*scale)*S, S/(2*n) - .02*S)
+        lo = i*S/n + r + .01*S
+        cx,cy = rng.uniform(lo, max(lo, (i+1)*S/n - r - .01*S)),rng.uniform(r + .03*S, S - r - .03*S)
+        _draw_shape(d, shape, cx, cy, r, border); _draw_shape(d, shape, cx, cy, r*.78, fill)
+        if symbol: _draw_symbol(d, symbol, cx, cy, r*.7, scol)
+        _draw_shape(dm, shape, cx, cy, r, label + 1)
+        centres.append((cx/ss, cy/ss))
+    img = img.resize((size, size), Image.LANCZOS)
+    arr = np.asarray(img).astype(np.float32) + rng.normal(0, 6, (size, size, 3))
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8)), mask.resize((size, size), Image.NEAREST), centres
+
+# %% ../nbs/02_data.ipynb #1501d962
+def synth_scenes(dest, n:int=200, # Images
+                 size:int=64, # Side of the square images
+                 seed:int=0, # Same seed, same images
+                 n_classes:int=8, # Classes the signs are drawn from, 2 to 12
+                 n_signs:int=2, # Signs per image, of different classes
+                 valid_pct:float=0.2, # Share of the images in the validation set
+                ) -> Path:
+    "Write `n` images of `n_signs` signs each, their masks and a `scenes.csv` (fname, mask, labels, x0,y0,x1,y1..., is_valid) to `dest`"
+    if not isinstance(n, int) or n < 1: raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if not 2 <= n_classes <= len(SIGN_CLASSES): raise ValueError(f"n_classes must be in 2..{len(SIGN_CLASSES)}, got {n_classes!r}")
+    if not 1 <= n_signs <= min(4, n_classes): raise ValueError(f"n_signs must be in 1..{min(4, n_classes)}, got {n_signs!r}")
+    dest = Path(dest)
+    params = f"version={_RENDER_VERSION} scenes n={n} size={size} seed={seed} n_classes={n_classes} n_signs={n_signs} valid_pct={valid_pct}"
+    if (dest/'params.txt').exists() and (dest/'params.txt').read_text() == params and (dest/'scenes.csv').exists(): return dest
+    if dest.exists() and any(dest.iterdir()) and not (dest/'scenes.csv').exists():
+        raise ValueError(f"dest={str(dest)!r} is not empty and holds no synth_scenes data set; pass an empty or new folder")
+    for sub in ('images', 'masks'): (dest/sub).mkdir(parents=True, exist_ok=True)
+    rng,rows = np.random.default_rng(seed),[]
+    for i in range(n):
+        labels = [int(l) for l in rng.choice(n_classes, n_signs, replace=False)]
+        img,mask,centres = render_scene(labels, size, seed=seed*1_000_003 + i)
+        fname,mname = f'images/{i:05d}.png',f'masks/{i:05d}.png'
+        img.save(dest/fname); mask.save(dest/mname)
+        pts = sorted(centres)                                   # points left to right
+        rows.append((fname, mname, ' '.join(SIGN_NAMES[l] for l in labels), *(round(v, 2) for p in pts for v in p), int(i < round(n*valid_pct))))
+    cols = ['fname', 'mask', 'labels'] + [f'{a}{j}' for j in range(n_signs) for a in 'xy'] + ['is_valid']
+    with open(dest/'scenes.csv.tmp', 'w', newline='') as f: w = csv.writer(f); w.writerow(cols); w.writerows(rows)
+    (dest/'scenes.csv.tmp').replace(dest/'scenes.csv')
+    (dest/'params.txt').write_text(params)
+    return dest
+
+# %% ../nbs/02_data.ipynb #0e70f54c
+SCENE_TASKS = ('multi', 'segment', 'points')
+
+# %% ../nbs/02_data.ipynb #95794dab
+class _ScenePoints:
+    "The sign centres of a `scenes.csv` row as a (n_signs, 2) tensor (a class, so that learners export)"
+    def __init__(self, n:int): self.n = n
+    def __call__(self, row): return tensor([[row[f'x{j}'], row[f'y{j}']] for j in range(self.n)]).float()
+
+# %% ../nbs/02_data.ipynb #6b97abd8
+def synth_scenes_dls(path, task:str='multi', # 'multi' (labels), 'segment' (masks) or 'points' (sign centres)
+                     bs:int=64, # Batch size
+                     item_tfms=None, batch_tfms=None, # Defaults: none, and ImageNet normalisation
+                     **kwargs) -> DataLoaders:
+    "fastai `DataLoaders` of a `synth_scenes` folder for `task`, split by its `is_valid` column"
+    if task not in SCENE_TASKS: raise ValueError(f"task must be one of {', '.join(map(repr, SCENE_TASKS))}, not {task!r}")
+    path = Path(path)
+    if not (path/'scenes.csv').exists(): raise FileNotFoundError(f"no scenes.csv at {str(path)!r}: make one with synth_scenes(dest)")
+    df = pd.read_csv(path/'scenes.csv')
+    n_classes = int(re.search(r'n_classes=(\d+)', (path/'params.txt').read_text()).group(1))
+    names = list(SIGN_NAMES[:n_classes])
+    if batch_tfms is None: batch_tfms = [Normalize.from_stats(*imagenet_stats)]
+    y = dict(multi=(MultiCategoryBlock(vocab=names), ColReader('labels', label_delim=' ')),
+             segment=(MaskBlock(codes=['background'] + names), ColReader('mask', pref=path)),
+             points=(PointBlock, _ScenePoints(sum(c.startswith('x') for c in df.columns))))[task]
+    db = DataBlock(blocks=(ImageBlock, y[0]), get_x=ColReader('fname', pref=path), get_y=y[1],
+                   splitter=ColSplitter('is_valid'), item_tfms=item_tfms, batch_tfms=batch_tfms)
+    return db.dataloaders(df, bs=bs, **kwargs)
 
 # %% ../nbs/02_data.ipynb #a86ef75c
 def read_gtsrb(path, valid_pct:float=0.2, seed:int=0) -> pd.DataFrame:

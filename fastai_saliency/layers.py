@@ -10,8 +10,8 @@ from torch import nn, Tensor
 from .hooks import find_layer
 
 # %% auto #0
-__all__ = ['last_conv_block', 'timm_root', 'attention_blocks', 'default_layer', 'layer_name', 'describe_output', 'FeatureLayout',
-           'layer_hint', 'reshape_layout', 'feature_layout', 'to_feature_map', 'depth_layers']
+__all__ = ['last_conv_block', 'timm_root', 'attention_blocks', 'unet_layer', 'default_layer', 'layer_name', 'describe_output',
+           'FeatureLayout', 'layer_hint', 'reshape_layout', 'feature_layout', 'to_feature_map', 'depth_layers']
 
 # %% ../nbs/03a_layers.ipynb #62e72ccb
 def _has_conv(m:nn.Module) -> bool: return any(isinstance(c, nn.modules.conv._ConvNd) for c in m.modules())
@@ -70,9 +70,17 @@ def _timm_pooled(tm:nn.Module) -> str:
     if not last: return fi
     return fi if fi is not None and (fi == last[-1] or fi.startswith(last[-1] + '.')) else last[-1]
 
+# %% ../nbs/03a_layers.ipynb #acc5b5c2
+def unet_layer(model:nn.Module) -> str|None:
+    "The last decoder block (`UnetBlock`) of a fastai `DynamicUnet`, its default Grad-CAM layer; None if `model` has none"
+    names = [n for n,m in model.named_modules() if type(m).__name__ == 'UnetBlock']
+    return names[-1] if names else None
+
 # %% ../nbs/03a_layers.ipynb #10868837
 def default_layer(model:nn.Module) -> str:
-    "The layer `gradcam` and `show_gradcam` use by default: timm ViTs, other timm models, transformers, CNNs (rules above)"
+    "The layer `gradcam` and `show_gradcam` use by default: U-Nets, timm ViTs, other timm models, transformers, CNNs (rules above)"
+    u = unet_layer(model)
+    if u is not None: return u
     root = timm_root(model)
     if root is not None:
         p,tm = root

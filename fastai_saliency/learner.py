@@ -14,7 +14,7 @@ from .learn_io import items_batch, dl_batch, dls_norm, unwrap_model
 from . import methods
 from .plot import show_maps, show_overlay, to_image
 from .layers import depth_layers, layer_name
-from .targets import model_logits, resolve_target
+from .targets import model_logits, resolve_target, learn_target, prediction_titles, Target, Region, learn_task, output_task
 from .fullgrad import fullgrad as fullgrad_maps
 
 # %% auto #0
@@ -29,14 +29,14 @@ def _model(learn:Learner) -> nn.Module:
 @patch
 def gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; default: `layers.default_layer`
             items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
-            target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+            target=None, # None (the task's default: predicted class, most probable label, most present class), an int, a class name, one per image, a `Region`, or a callable on the output
             relu:bool=True, n:int=4,
             reshape=None, # How to read an output that is not (B,C,h,w): 'nchw', 'nhwc', a token grid (h,w), a callable
             output=None, # Where the model returns more than the logits: an index, a key or a callable (see `targets.select_output`)
            ) -> Tensor:
     "Grad-CAM maps (B,H,W) in [0,1] for `items` at `layer`"
     xb,_ = items_batch(self, items, n)
-    return methods.gradcam(_model(self), xb, layer, target=target, relu=relu, reshape=reshape, output=output)
+    return methods.gradcam(_model(self), xb, layer, target=learn_target(self, target), relu=relu, reshape=reshape, output=output)
 
 # %% ../nbs/08_learner.ipynb #59464775
 @patch
@@ -46,7 +46,7 @@ def cam(self:Learner, items=None, # None (the first `n` validation images), vali
        ) -> Tensor:
     "CAM maps (B,H,W) in [0,1] for `items` (a linearisation of the head, with a warning, where the head is not affine)"
     xb,_ = items_batch(self, items, n)
-    return methods.cam(_model(self), xb, layer=layer, target=target, output=output)
+    return methods.cam(_model(self), xb, layer=layer, target=learn_target(self, target), output=output)
 
 # %% ../nbs/08_learner.ipynb #e52ce186
 @patch
@@ -56,28 +56,32 @@ def fullgrad(self:Learner, items=None, # None (the first `n` validation images),
             ) -> Tensor:
     "FullGrad maps (B,H,W) in [0,1] for `items`"
     xb,_ = items_batch(self, items, n)
-    return fullgrad_maps(_model(self), xb, target=target, output=output)
+    return fullgrad_maps(_model(self), xb, target=learn_target(self, target), output=output)
 
 # %% ../nbs/08_learner.ipynb #5fb1e6aa
 def _titles(learn:Learner, xb, ys, target, output=None) -> tuple:
-    "Per item: predicted class and probability (true and explained class if they differ); and the explained classes"
-    logits = model_logits(_model(learn), xb, output)
-    probs = logits.softmax(1).cpu()
-    pred = probs.argmax(1)
-    t = resolve_target(target, logits).cpu() if target is not None else pred
-    vocab = getattr(learn.dls, 'vocab', None)
-    name = lambda i: str(vocab[i]) if vocab is not None else str(int(i))
-    titles = []
-    for k in range(len(xb)):
-        s = f"{name(pred[k])} {probs[k, pred[k]].item():.2f}"
-        if ys is not None and int(ys[k]) != int(pred[k]): s += f"\ntrue: {name(ys[k])}"
-        if int(t[k]) != int(pred[k]): s += f"\nmap for: {name(t[k])}"
-        titles.append(s)
-    return titles, t
+    "Per item, what the model predicted for the learner's task (see `prediction_titles`); and what the maps explain: class indices (single-label), else a `Target`"
+    tgt = learn_target(learn, target)
+    out = model_logits(_model(learn), xb, output)
+    t = tgt.indices(out)
+    titles = prediction_titles(out, tgt, ys)
+    if (t < 0).any() or tgt.task == 'segment' or callable(tgt.target): return titles,tgt
+    return titles,(t.cpu() if tgt.task in (None, 'single') and out.dim() == 2 else Target(t, tgt.task, tgt.vocab, tgt.thresh))
+
+# %% ../nbs/08_learner.ipynb #2551a937
+def _outline(fig, learn, xb, titles, target):
+    "Segmentation: outline, on each map, the pixels the model predicts as the explained class (white)"
+    out = model_logits(_model(learn), xb)
+    idx = target.indices(out)
+    masks = (out.argmax(1) == idx[:, None, None]).float().cpu().numpy()
+    axs = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    for t,m in zip(titles, masks):
+        if t in axs and m.any() and not m.all(): axs[t].contour(m, levels=[.5], colors='white', linewidths=1)
 
 # %% ../nbs/08_learner.ipynb #65bb1ebe
-def _show(learn, xb, maps, titles, what, cmap, alpha, ncols, **kwargs):
+def _show(learn, xb, maps, titles, what, cmap, alpha, ncols, target=None, **kwargs):
     fig = show_maps(xb, maps, titles=titles, stats=dls_norm(learn.dls), cmap=cmap, alpha=alpha, ncols=ncols, **kwargs)
+    if isinstance(target, Target) and target.task == 'segment': _outline(fig, learn, xb, titles, target)
     fig.suptitle(what); fig.tight_layout()
     return fig
 
@@ -97,7 +101,7 @@ def show_gradcam(self:Learner, layer=None, # A name (`'0.6'`), module or regex; 
     name = layer_name(model, layer)
     titles,t = _titles(self, xb, ys, target, output)
     maps = methods.gradcam(model, xb, name, target=t, reshape=reshape, output=output)
-    return _show(self, xb, maps, titles, f"Grad-CAM at {name!r}", cmap, alpha, ncols, **kwargs)
+    return _show(self, xb, maps, titles, f"Grad-CAM at {name!r}", cmap, alpha, ncols, target=t, **kwargs)
 
 # %% ../nbs/08_learner.ipynb #2d7f5095
 @patch
@@ -112,7 +116,7 @@ def show_cam(self:Learner, items=None, # None (the first `n` validation images),
     r = methods.cam_terms(_model(self), xb, layer=layer, target=t, output=output)
     maps = methods.scale_maps(r.map, xb.shape[-2:])
     what = f"CAM at {r.layer!r}" + ("" if r.exact else " (head linearised: approximate)")
-    return _show(self, xb, maps, titles, what, cmap, alpha, ncols, **kwargs)
+    return _show(self, xb, maps, titles, what, cmap, alpha, ncols, target=t, **kwargs)
 
 # %% ../nbs/08_learner.ipynb #5138171c
 @patch
@@ -125,7 +129,7 @@ def show_fullgrad(self:Learner, items=None, # None (the first `n` validation ima
     xb,ys = items_batch(self, items, n)
     titles,t = _titles(self, xb, ys, target, output)
     maps = fullgrad_maps(_model(self), xb, target=t, output=output)
-    return _show(self, xb, maps, titles, "FullGrad", cmap, alpha, ncols, **kwargs)
+    return _show(self, xb, maps, titles, "FullGrad", cmap, alpha, ncols, target=t, **kwargs)
 
 # %% ../nbs/08_learner.ipynb #871cc570
 _LAYER_METHODS = dict(gradcam='Grad-CAM', activation='Mean activation')   # the names `method` takes and figure titles
@@ -250,6 +254,7 @@ def _heatmap_top_losses(interp, k, largest:bool=True,
                         size:float=2.0, # Size of one panel in inches
                        ):
     "The figure of `plot_top_losses(heatmap=True)`"
+    if learn_task(interp.learn) in ('multi', 'segment'): return _task_top_losses(interp, k, largest, method, layer, ncols, cmap, alpha, size)
     if isinstance(k, numbers.Integral): losses,idx = interp.top_losses(int(k), largest)
     else: losses,idx = (o[list(k)] for o in interp.top_losses(None, largest))
     r = _pred_true_maps(interp, idx.tolist(), method, layer)
@@ -272,6 +277,97 @@ def plot_top_losses(self:ClassificationInterpretation, k, # Number of losses to 
 
 # %% ../nbs/08_learner.ipynb #faed50ef
 ClassificationInterpretation.plot_top_losses.fastai_original = _fastai_plot_top_losses
+
+# %% ../nbs/08_learner.ipynb #7da2b2b2
+def _multi_panels(learn, xb, y, out, losses, method, layer, max_maps:int=3) -> tuple:
+    "For `show_item_maps`: the maps of each item's wrong labels (up to `max_maps`) and their titles, and the method's name"
+    tgt = learn_target(learn)
+    name = lambda c: str(tgt.vocab[c]) if tgt.vocab is not None else str(c)
+    pred,true = out.sigmoid().cpu() > tgt.thresh,y.cpu() > 0.5
+    rows = [(j, int(c)) for j in range(len(xb)) for c in (pred[j] ^ true[j]).nonzero()[:max_maps, 0]]
+    maps,what = ([],None)
+    if rows:
+        js,cs = torch.tensor([j for j,_ in rows]),torch.tensor([c for _,c in rows])
+        maps,what = _class_maps(learn, xb[js.to(xb.device)], method, layer, Target(cs, 'multi', tgt.vocab, tgt.thresh))
+        maps = maps.cpu()
+    per,titles = [[] for _ in range(len(xb))],[]
+    for (j,c),m in zip(rows, maps): per[j].append((c, m))
+    for j in range(len(xb)):
+        t0 = f"pred: {', '.join(name(int(c)) for c in pred[j].nonzero()[:, 0]) or 'none'}\ntrue: {', '.join(name(int(c)) for c in true[j].nonzero()[:, 0]) or 'none'}\nloss {losses[j].item():.2f}"
+        titles.append([t0] + [f"{name(c)} ({'not there' if pred[j, c] else 'missed'})" for c,_ in per[j]])
+    return [[m for _,m in p] for p in per],titles,what
+
+# %% ../nbs/08_learner.ipynb #16f0901f
+def _worst_class(y:Tensor, pred:Tensor, n_classes:int) -> tuple:
+    "Per item, the class with the lowest IoU between true `y` and `pred` masks (background only if nothing else), and its IoU"
+    cs,ious = [],[]
+    for yi,pi in zip(y, pred):
+        present = [c for c in torch.cat([yi.unique(), pi.unique()]).unique().tolist() if c != 0] or [0]
+        iou = {c: ((yi == c) & (pi == c)).sum().item() / max(1, ((yi == c) | (pi == c)).sum().item()) for c in present}
+        c = min(iou, key=iou.get); cs.append(c); ious.append(iou[c])
+    return torch.tensor(cs),ious
+
+# %% ../nbs/08_learner.ipynb #b8ec78fa
+def _segment_figure(learn, xb, y, out, losses, method, layer, ncols, cmap, alpha, size):
+    "Rows of: the image, its true mask, its predicted mask, the map of its worst class"
+    tgt = learn_target(learn)
+    name = lambda c: str(tgt.vocab[c]) if tgt.vocab is not None and c < len(tgt.vocab) else str(c)
+    y,pred = y.as_subclass(Tensor).long().cpu(),out.argmax(1).cpu()
+    cs,ious = _worst_class(y, pred, out.shape[1])
+    region = torch.stack([(pred[j] == c) if (pred[j] == c).any() else (y[j] == c) for j,c in enumerate(cs.tolist())])
+    maps,what = _class_maps(learn, xb, method, layer, Target(Region(cs, mask=region.to(out.device)), 'segment', tgt.vocab))
+    stats,n = dls_norm(learn.dls),len(xb)
+    ncols = max(1, min(ncols, n)); nrows = -(-n // ncols)
+    fig,axs = plt.subplots(nrows, 4*ncols, figsize=(size*4*ncols, (size + .5)*nrows + .4), squeeze=False, layout='constrained')
+    for ax in axs.flat: ax.set_axis_off()
+    for j in range(n):
+        row = axs[j // ncols, 4*(j % ncols):4*(j % ncols) + 4]
+        img = to_image(xb[j], stats)
+        row[0].imshow(img); row[0].set_title(f"loss {losses[j].item():.2f}", fontsize=8)
+        for ax,m,t in ((row[1], y[j], 'true'), (row[2], pred[j], 'predicted')):
+            ax.imshow(img); ax.imshow(m.numpy(), cmap='tab20', vmin=0, vmax=19, alpha=.6, interpolation='nearest'); ax.set_title(t, fontsize=8)
+        show_overlay(xb[j], maps[j].cpu(), ax=row[3], cmap=cmap, alpha=alpha, stats=stats,
+                     title=f"{name(int(cs[j]))} (IoU {ious[j]:.2f})")
+        row[3].title.set_fontsize(8)
+    fig.suptitle(f"Top losses: image, true and predicted masks, {what} of the worst class")
+    return fig
+
+# %% ../nbs/08_learner.ipynb #448bc229
+def _task_top_losses(interp, k, largest:bool=True, method='gradcam', layer=None, ncols:int=2, cmap='jet', alpha:float=0.5,
+                     size:float=2.0):
+    "The figure of `plot_top_losses(heatmap=True)` for multi-label and segmentation learners"
+    task = learn_task(interp.learn)
+    if task not in ('multi', 'segment'):
+        raise ValueError(f"heatmaps of top losses are drawn for single-label (ClassificationInterpretation), multi-label and "
+                         f"segmentation learners; this learner's task is {task!r}: use learn.show_gradcam(target=...) per output")
+    if isinstance(k, numbers.Integral): losses,idx = interp.top_losses(int(k), largest)
+    else: losses,idx = (o[list(k)] for o in interp.top_losses(None, largest))
+    b = dl_batch(interp.dl, idx.tolist())
+    xb,y = b[0].as_subclass(Tensor),b[1].as_subclass(Tensor)
+    out = model_logits(_model(interp.learn), xb)
+    if task == 'segment': return _segment_figure(interp.learn, xb, y, out, losses, method, layer, ncols, cmap, alpha, size)
+    maps,titles,what = _multi_panels(interp.learn, xb, y, out, losses, method, layer)
+    return show_item_maps(xb.cpu(), maps, titles, ncols=ncols, stats=dls_norm(interp.learn.dls), cmap=cmap, alpha=alpha,
+                          size=size, suptitle=f"Top losses: predicted / true labels / loss; {what or 'no wrong label'} of each wrong label")
+
+# %% ../nbs/08_learner.ipynb #d3758d4e
+from fastai.interpret import SegmentationInterpretation
+_fastai_seg_plot_top_losses = getattr(SegmentationInterpretation.plot_top_losses, 'fastai_original',
+                                      SegmentationInterpretation.plot_top_losses)   # fastai's own (`Interpretation`'s)
+
+# %% ../nbs/08_learner.ipynb #dac6a8aa
+@patch
+@delegates(_task_top_losses, keep=True, but=['interp', 'k', 'largest'])
+def plot_top_losses(self:SegmentationInterpretation, k, # Number of losses to plot, or which of them (a list or range)
+                    largest:bool=True, # Sort losses by largest or smallest
+                    heatmap:bool=False, # The true and predicted masks and the map of the worst class
+                    **kwargs): # With `heatmap`: the options below; without: fastai's own
+    "fastai's `plot_top_losses`, untouched; with `heatmap=True`, each image's true and predicted masks and the map of its worst class"
+    if not heatmap: return _fastai_seg_plot_top_losses(self, k, largest, **kwargs)
+    return _task_top_losses(self, k, largest, **kwargs)
+
+# %% ../nbs/08_learner.ipynb #c5144df3
+SegmentationInterpretation.plot_top_losses.fastai_original = _fastai_seg_plot_top_losses
 
 # %% ../nbs/08_learner.ipynb #824ba0cb
 @patch

@@ -24,18 +24,19 @@ __all__ = ['METHODS', 'METHOD_TITLES', 'backprop', 'scale_maps', 'gradcam_map', 
 # %% ../nbs/04_methods.ipynb #c82393f6
 def backprop(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
              hooks=None, # `HookSet`s on during the forward pass; gradients go to their `wrt` tensors
-             target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+             target=None, # None (the task's default), an int, a class name, one per image, a `Region`, a callable on the output, or a `Target`
              input_grad:bool=False, # Also the gradient with respect to the input (the forward pass then records the whole graph)
              output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`)
+             task:str=None, # 'single', 'multi', 'segment', 'regress' (see `Target`); None: the `Target`'s, else from the output's shape
             ) -> AttrDict:
-    "Forward `xb` in eval mode with `hooks` on, pick each image's target logit, and backpropagate their sum to the hooks' `wrt` tensors (and the input)"
+    "Forward `xb` in eval mode with `hooks` on, score each image's target (`Target`: any task), and backpropagate the scores' sum to the hooks' `wrt` tensors (and the input)"
     hooks = listify(hooks)
     try:
         with eval_mode(model), torch.enable_grad():
             x = prep_batch(model, xb, input_grad)
             with nullcontext() if input_grad else torch.no_grad(): logits = model_output(model, x, output)
             for h in hooks: h.remove()
-            t,score = target_score(logits, target)
+            t,score = target_score(logits, target, task)
             wrt = {k:v for h in hooks for k,v in h.wrt.items()}
             ins = ([x] if input_grad else []) + [v for v in wrt.values() if v.requires_grad]
             gs = torch.autograd.grad(score.sum(), ins, allow_unused=True) if ins and score.requires_grad else [None]*len(ins)

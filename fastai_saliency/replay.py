@@ -14,6 +14,7 @@ from .store import Trial, TensorUnavailableForStep
 from . import methods, plot
 from .layers import FeatureLayout, reshape_layout
 from .fullgrad import FullGradMap, grad_times_input
+from .targets import Target, prediction_titles
 
 # %% auto #0
 __all__ = ['RunStalled', 'writer_alive', 'follow', 'watch']
@@ -167,6 +168,11 @@ def _titles(trial:Trial, step:int, mode:str, items) -> list|None:
     have = set(trial.tensor_names(step=step, mode=mode))
     if 'logits' not in have: return None
     ts = trial.tensors(step, mode, [n for n in ('logits', 'target') if n in have])
+    meta = trial.info['meta']
+    if meta.get('task') not in (None, 'single') or ts['logits'].dim() != 2:    # other tasks: what `prediction_titles` says
+        ex = trial.tensors(step, mode, ['explained_class']).get('explained_class') if 'explained_class' in have else None
+        t = Target(None if ex is None else _pick(ex, items), meta.get('task'), meta.get('vocab'), meta.get('thresh') or 0.5)
+        return prediction_titles(_pick(ts['logits'], items), t)
     probs,vocab,y = _pick(ts['logits'].float().softmax(1), items),trial.info['meta'].get('vocab'),ts.get('target')
     y = _pick(y, items) if y is not None and y.dim() == 1 and not y.is_floating_point() else None
     res = []

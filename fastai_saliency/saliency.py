@@ -10,7 +10,7 @@ from .store import SnapshotWriter
 from .learn_io import in_main_fit, items_batch, dls_norm, default_probes, same_random_state, unwrap_model
 from . import methods, plot, scoring
 from .layers import layer_name
-from .targets import model_logits, resolve_target
+from .targets import model_logits, resolve_target, Target, Region, learn_task, data_vocab, prediction_titles
 from matplotlib import animation
 
 # %% auto #0
@@ -32,7 +32,7 @@ class SaliencyCallback(Callback):
                  n:int=8, # How many probes when `items` is None
                  every='epoch', # 'epoch': a frame after each epoch; an int: after every `every` training batches
                  layer=None, # The layer of 'gradcam' and 'cam' (see `find_layer`); None: the last conv block
-                 target='label', # 'label' (the true class where known, else the predicted one), 'pred', an int or one int per probe
+                 target='label', # 'label' (the true class where known, else the predicted one; other tasks: see `_setup_task`), 'pred', an int, a class name, one per probe, a callable
                  store=None, # A folder of runs: each fit also writes its frames to a new run there (mode 'predict')
                  metrics=None, # Scores of every frame: 'pointing', 'deletion', 'insertion', or functions (model, xb, maps, target) -> (B,)
                  boxes=None, # The probes' boxes (N,4) in input pixels, for 'pointing'; None: from the validation DataFrame (SynthSigns)
@@ -74,10 +74,11 @@ class SaliencyCallback(Callback):
         with same_random_state():
             items = default_probes(self.dls, self.n) if self.items is None else self.items
             xb,ys = items_batch(self.learn, items, self.n)
-            self.probe_xb,self.labels = xb.detach(),(None if ys is None else ys.as_subclass(Tensor).long().cpu())
+            self.probe_xb,self.labels = xb.detach(),(None if ys is None else ys.as_subclass(Tensor).cpu())
             self.item_idxs = items if isinstance(items, list) and all(isinstance(i, int) for i in items) else None
         self.norm = dls_norm(self.dls)
-        self.vocab = getattr(self.dls, 'vocab', None)
+        self.vocab = data_vocab(self.dls)
+        self._setup_task()
         if self.method == 'gradcam' or (self.method == 'cam' and self.layer is not None):
             self.layer = layer_name(self.model, self.layer)   # a name, also for a module or regex
         self._setup_scores()
@@ -120,16 +121,14 @@ class SaliencyCallback(Callback):
         model = self.model
         xb = self.probe_xb.to(model_device(model))
         logits = model_logits(model, xb, self.kwargs.get('output'))
-        if self.target == 'label': t = self.labels if self.labels is not None else logits.argmax(1)
-        elif self.target in (None, 'pred'): t = logits.argmax(1)
-        else: t = resolve_target(self.target, logits)
-        t = torch.as_tensor(t).as_subclass(Tensor).long().to(logits.device)
-        maps = self._explain(model, xb, t).detach()
+        tgt = self._frame_target()
+        t = tgt.indices(logits)
+        single = self.task in (None, 'single') and logits.dim() == 2 and not (t < 0).any()
+        maps = self._explain(model, xb, t if single else tgt).detach()   # single-label: class indices, as methods always took
         it = self.iters_done + self.train_iter
         info = dict(epoch=it/self.n_batches, iteration=it)
         self._maps.append(maps.to('cpu', torch.float16)); self._logits.append(logits.cpu()); self._targets.append(t.cpu())
-        probs = logits.softmax(1)
-        info.update(preds=probs.argmax(1).tolist(), probs=[round(v, 4) for v in probs.max(1).values.tolist()])
+        info.update(self._frame_preds(logits, t))
         scores = self._score_frame(model, xb, maps, t)
         info.update({k:round(v.mean().item(), 4) for k,v in scores.items()})
         self.frames.append(info)
@@ -169,6 +168,7 @@ class SaliencyCallback(Callback):
     def _name(self, i) -> str: return str(self.vocab[i]) if self.vocab is not None else str(int(i))
     def _probe_title(self, f:int, i:int) -> str:
         "'predicted <class> (p%)', and the true class on a second line where known (the same lines in every frame)"
+        if self.task not in (None, 'single'): return self._task_title(f, i)
         pred,prob = int(self.preds[f, i]),float(self.probs[f, i])
         s = f"predicted {self._name(pred)} ({prob:.0%})"
         if self.labels is not None:
@@ -205,7 +205,8 @@ class SaliencyCallback(Callback):
         "A grid, probes by frames (at most `max_frames`, evenly spaced, first and last included); returns the figure"
         self._check_frames()
         probes = list(range(len(self.probe_xb))) if probes is None else listify(probes)
-        titles = [[f"epoch {_fmt_epoch(e)}\n{self._name(self.preds[f, i])} {float(self.probs[f, i]):.0%}" for i in probes]
+        titles = [[f"epoch {_fmt_epoch(e)}\n" + (self._task_title(f, i) if self.task not in (None, 'single') else
+                    f"{self._name(self.preds[f, i])} {float(self.probs[f, i]):.0%}") for i in probes]
                   for f,e in enumerate(self.epochs)]
         return plot.show_frames(self.probe_xb[probes].cpu(), self.maps[:, probes], titles, max_frames=max_frames,
                                 stats=self.norm, cmap=cmap, alpha=alpha, size=size,
@@ -214,6 +215,73 @@ class SaliencyCallback(Callback):
     def __del__(self):
         try: self._close_writer(ended=False)
         except Exception: pass
+
+# %% ../nbs/07_saliency.ipynb #8f6a2c76
+SaliencyCallback.max_labels = 4   # target='label' on a multi-label learner: at most this many maps (true labels) per probe
+
+# %% ../nbs/07_saliency.ipynb #a70f4725
+@patch
+def _setup_task(self:SaliencyCallback):
+    "The learner's task and threshold; for target='label' on other tasks than single-label, the probes expanded to one row per explained label or output"
+    self.task,self.thresh,self._label_t = learn_task(self.learn),getattr(self.learn.loss_func, 'thresh', 0.5),None
+    self.probe_of,y = list(range(len(self.probe_xb))),self.labels
+    if self.task in (None, 'single'):
+        if y is not None: self.labels = y.long()
+        return
+    if self.task == 'regress':
+        if y is not None: self.labels = y.float()
+        if self.target != 'label': return
+        n = model_logits(self.model, self.probe_xb).flatten(1).shape[1]
+        rows = [(i, j) for i in range(len(self.probe_xb)) for j in range(n)]
+    elif self.task == 'multi':
+        if y is None or self.target != 'label': return
+        y = self.labels = y.long()
+        rows = [(i, int(c)) for i in range(len(y)) for c in y[i].nonzero()[:self.max_labels, 0]]
+        if not rows: return                          # no probe has a true label: the most probable one, per frame
+    else:                                           # segmentation: the most present true class, over its true region
+        if y is None or self.target != 'label': return
+        y = self.labels = y.long()
+        counts = F.one_hot(y.clamp_min(0), max(int(y.max()) + 1, 2)).flatten(1, 2).sum(1)[:, 1:]
+        c = torch.where(counts.amax(1) > 0, counts.argmax(1) + 1, 0)
+        self._label_t = Region(c, mask=y == c[:, None, None])
+        return
+    idx = torch.tensor([i for i,_ in rows])
+    self.probe_xb,self.probe_of,self._label_t = self.probe_xb[idx.to(self.probe_xb.device)],idx.tolist(),torch.tensor([j for _,j in rows])
+    if self.labels is not None: self.labels = self.labels[idx]
+
+# %% ../nbs/07_saliency.ipynb #a1c167bf
+@patch
+def _frame_target(self:SaliencyCallback) -> Target:
+    "What this frame's maps explain (see `target`), as a `Target` of the learner's task"
+    mk = lambda t: Target(t, self.task, self.vocab, self.thresh)
+    if self.target == 'label':
+        if self._label_t is not None: return mk(self._label_t)
+        if self.task in (None, 'single') and self.labels is not None: return mk(self.labels)
+    if self.target in ('label', 'pred', None): return mk(None)
+    return mk(self.target)
+
+# %% ../nbs/07_saliency.ipynb #b8055c52
+@patch
+def _frame_preds(self:SaliencyCallback, logits:Tensor, t:Tensor) -> dict:
+    "A frame's predictions in numbers, per task: class and probability; most probable label; explained class and its share of pixels; values"
+    if self.task in (None, 'single') and logits.dim() == 2:
+        p = logits.softmax(1)
+        return dict(preds=p.argmax(1).tolist(), probs=[round(v, 4) for v in p.max(1).values.tolist()])
+    if self.task == 'multi':
+        p = logits.sigmoid()
+        return dict(preds=p.argmax(1).tolist(), probs=[round(v, 4) for v in p.max(1).values.tolist()])
+    if logits.dim() == 4:
+        share = (logits.argmax(1) == t.clamp_min(0)[:, None, None]).flatten(1).float().mean(1)
+        return dict(preds=t.tolist(), probs=[round(v, 4) for v in share.tolist()])
+    return dict(preds=[[round(v, 4) for v in r] for r in logits.flatten(1).tolist()], probs=None)
+
+# %% ../nbs/07_saliency.ipynb #f2f0b5b8
+@patch
+def _task_title(self:SaliencyCallback, f:int, i:int) -> str:
+    "What probe `i` was predicted in frame `f`, for the learner's task (`targets.prediction_titles`)"
+    t = Target(self._targets[f][i:i+1], self.task, self.vocab, self.thresh)
+    ys = None if self.labels is None or self.task == 'segment' else self.labels[i:i+1]
+    return prediction_titles(self._logits[f][i:i+1], t, ys)[0]
 
 # %% ../nbs/07_saliency.ipynb #d7cf6aa2
 _FRAME_METRICS = ('pointing', 'deletion', 'insertion')

@@ -16,7 +16,7 @@ from .hooks import eval_mode, find_layer, model_device
 from .methods import scale_maps
 from .plot import to_image
 from .layers import depth_layers
-from .targets import prep_batch, resolve_target
+from .targets import prep_batch, resolve_target, fixed_target, target_rows, target_probability, output_task
 
 # %% auto #0
 __all__ = ['pointing_hits', 'pointing_game', 'box_area_share', 'item_boxes', 'gaussian_blur', 'pixel_order', 'perturbation_curve',
@@ -152,12 +152,12 @@ def _trapezoid(fracs:Tensor, ys:Tensor) -> Tensor:
 def perturbation_curve(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
                        maps, # (B,H,W) saliency maps at input size, any scale: only their order counts
                        mode:str='deletion', # 'deletion': top pixels become `baseline`; 'insertion': revealed on it
-                       target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+                       target=None, # None (the task's default), an int, a class name, one per image, a `targets.Region`, a callable, a `targets.Target`
                        n_steps:int=64, # Points after the start: pixel counts round(k*H*W/n_steps), k=0..n_steps
                        baseline=None, # 'blur', 'black', 'white', 'mean' (per image), number, tensor; None: 0 / 'blur'
                        blur_sigma:float=5., # Gaussian blur in pixels (for `baseline='blur'`)
                        tie_seed:int|None=0, # Order of tied map values: seeded random (same for all images); None: raster
-                       softmax:bool=True, # Probability of the target class; False: its logit
+                       softmax:bool=True, # The target's probability (`targets.target_probability`); False: its score (logit, region sum)
                        bs:int=256, # Images per forward pass: bounds memory
                        stats=imagenet_stats, # (mean, std) the batch was normalised with: for 'black' and 'white'
                       ) -> AttrDict:
@@ -175,13 +175,17 @@ def perturbation_curve(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalis
     K = n_steps + 1
     out = x.new_empty(B, K, dtype=torch.float32)
     with eval_mode(model), torch.no_grad():
-        t = resolve_target(target, model(x).as_subclass(Tensor)).to(x.device)
+        out0 = model(x).as_subclass(Tensor)
+        ft = fixed_target(out0, target)                  # other tasks: the clean images' target, region included
+        t = ft.indices(out0).to(x.device)
+        single = output_task(out0, ft.task) == 'single'
         for s in range(0, B*K, bs):
             j = torch.arange(s, min(s + bs, B*K), device=x.device)
             bi,ki = j//K, j%K
             changed = (rank[bi] < counts[ki][:, None]).view(-1, 1, H, W)
             xi = torch.where(changed, fill[bi], x[bi]) if mode == 'deletion' else torch.where(changed, x[bi], fill[bi])
             logits = model(xi).as_subclass(Tensor).float()
+            if not single: out[bi, ki] = target_probability(logits, target_rows(ft, bi), softmax).float(); continue
             if softmax: logits = logits.softmax(1)
             out[bi, ki] = logits.gather(1, t[bi][:, None])[:, 0]
     fracs = counts.double()/N
@@ -336,7 +340,11 @@ def randomisation_check(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normali
     x = prep_batch(model, xb)
     rm = copy.deepcopy(model).eval()      # the original is never called, changed or put in another mode
     if not keep_hooks: _clear_hooks(rm)
-    with torch.no_grad(): t = resolve_target(target, rm(x).as_subclass(Tensor))
+    with torch.no_grad():
+        out0 = rm(x).as_subclass(Tensor)
+        ft = fixed_target(out0, target)       # fixed on the original model: indices (segmentation: its predicted region)
+        t = ft.indices(out0)
+        if output_task(out0, ft.task) != 'single': t = ft
     units = randomisation_units(rm, layers)[::-1]
     reinit = reinit or _reset
     m0 = method(rm, x, target=t).detach()
@@ -354,7 +362,7 @@ def randomisation_check(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normali
         r = torch.where(c0 & ci, 1., torch.where(c0 | ci, 0., r))
         names.append(uname); corrs.append(r.cpu()); consts.append(ci.cpu()); kept.append(mi[:keep].cpu())
     return RandomisationResult(layers=names, corr=torch.stack(corrs), constant=torch.stack(consts),
-                               orig_constant=c0.cpu(), maps=torch.stack(kept), target=t.cpu(),
+                               orig_constant=c0.cpu(), maps=torch.stack(kept), target=(t if isinstance(t, Tensor) else ft.indices(out0)).cpu(),
                                units={u:[n for n,_ in ms] for u,ms in units})
 
 # %% ../nbs/06a_scoring.ipynb #8ca0344c

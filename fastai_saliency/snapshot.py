@@ -13,6 +13,7 @@ from .learn_io import in_main_fit, in_validation, is_main_process, unwrap_model,
 from . import methods
 from .layers import default_layer, feature_layout
 from .fullgrad import explained_backward
+from .targets import Target, Region, learn_task, data_vocab
 
 # %% auto #0
 __all__ = ['SnapshotCallback']
@@ -57,7 +58,7 @@ class SnapshotCallback(HookCallback):
                  exclude=None, # Names or regexes of layers to leave out, or 'input', 'logits', 'target'
                  grads:bool=True, # Save the gradient with respect to each saved output: of the loss (training), of the target logits (explained validation batches)
                  explain:bool=True, # On each saved validation batch, one more forward and backward of the target logits (eval mode): what `Trial.fullgrad`/`Trial.gradcam` need
-                 target='label', # What explained batches explain: 'label' (the true class where labels are classes, else the prediction), 'pred', an int, one int per image, a callable on the logits
+                 target='label', # What explained batches explain: 'label' (the true class where labels are classes, else the prediction; other tasks: see `_task_label_target`), 'pred', an int, one int per image, a `targets.Target`, a callable on the output
                  max_bytes:int|None=4*2**30, # Stop saving (with a warning) where the run's tensors would pass this many bytes; None: no limit
                  bn_stats:bool=True, # Save running_mean, running_var, weight, bias of every BatchNorm layer (training and explained batches)
                  params:bool=False, # Save weight and bias of the other included layers (training and explained batches)
@@ -122,8 +123,9 @@ class SnapshotCallback(HookCallback):
         norm = dls_norm(self.dls)
         try: dflt = default_layer(model)
         except ValueError: dflt = None
-        vocab = getattr(self.dls, 'vocab', None)
-        return dict(writer='SnapshotCallback', model=type(model).__name__, layers=[n for n,_ in self.layers],
+        vocab = data_vocab(self.dls)
+        return dict(writer='SnapshotCallback', model=type(model).__name__, layers=[n for n,_ in self.layers], task=learn_task(self.learn),
+                    thresh=getattr(self.learn.loss_func, 'thresh', None),
                     special=self.special, include=None if self.include is None else [name(i) for i in listify(self.include)],
                     exclude=[name(e) for e in listify(self.exclude)], every=self.every, valid_every=self.valid_every,
                     grads=self.grads, explain=self.explain, target=self.target if isinstance(self.target, (str, int)) else 'given',
@@ -250,6 +252,7 @@ class SnapshotCallback(HookCallback):
         if self.target in (None, 'pred') or self._mode == 'predict': return None,'pred'
         if self.target != 'label': return self.target,'given'
         y,p = (self.yb[0] if len(self.yb) else None),self.pred
+        if learn_task(self.learn) not in (None, 'single'): return self._task_label_target(y, p)
         ok = (isinstance(y, Tensor) and isinstance(p, Tensor) and y.dim() == 1 and p.dim() == 2 and len(y) == len(p)
               and not (y.is_floating_point() or y.dtype == torch.bool) and bool(((y >= 0) & (y < p.shape[1])).all()))
         return (y.as_subclass(Tensor).long(),'label') if ok else (None,'pred')
@@ -459,3 +462,23 @@ class SnapshotCallback(HookCallback):
             self._clear()
             if self.predict_writer is not None: self.predict_writer.close(ended=False)
         except Exception: pass
+
+# %% ../nbs/06_snapshot.ipynb #03804d1e
+@patch
+def _task_label_target(self:SnapshotCallback, y, p) -> tuple:
+    "`target='label'` on a multi-label, segmentation or regression learner: a `Target` of the batch's truth, and where it comes from"
+    task = learn_task(self.learn)
+    mk = lambda t: Target(t, task, data_vocab(self.dls), getattr(self.learn.loss_func, 'thresh', 0.5))
+    if task == 'regress': return mk(0),'output 0'                    # one score per image: the first output
+    if not (isinstance(y, Tensor) and isinstance(p, Tensor) and len(y) == len(p)): return mk(None),'pred'
+    y,p = y.as_subclass(Tensor),p.detach().as_subclass(Tensor)
+    if task == 'multi' and y.shape == p.shape:                        # the true label the model is surest of
+        on = y > 0.5
+        c = torch.where(on.any(1), p.masked_fill(~on, float('-inf')).argmax(1), p.argmax(1))
+        return mk(c),'label'
+    if task == 'segment' and y.dim() == 3 and p.dim() == 4 and y.shape[-2:] == p.shape[-2:]:   # the most present true class, over its true region
+        y = y.long()
+        counts = F.one_hot(y.clamp(0, p.shape[1] - 1), p.shape[1]).flatten(1, 2).sum(1)[:, 1:]
+        c = torch.where(counts.amax(1) > 0, counts.argmax(1) + 1, 0)
+        return mk(Region(c, mask=y == c[:, None, None])),'label'
+    return mk(None),'pred'

@@ -4,13 +4,17 @@
 
 # %% ../nbs/03b_targets.ipynb #b7265c95
 from __future__ import annotations
-import torch
+import torch, torch.nn.functional as F
 from torch import nn, Tensor
+from fastai.torch_core import TensorMask
+from fastai.vision.core import PILMask
 from .hooks import eval_mode, model_device
 from .layers import describe_output
 
 # %% auto #0
-__all__ = ['prep_batch', 'select_output', 'model_logits', 'resolve_target', 'target_score']
+__all__ = ['TASKS', 'prep_batch', 'select_output', 'model_logits', 'output_task', 'loss_task', 'Region', 'Target',
+           'resolve_target', 'target_score', 'fixed_target', 'target_rows', 'target_probability', 'learn_task',
+           'data_vocab', 'learn_target', 'prediction_titles']
 
 # %% ../nbs/03b_targets.ipynb #672e306e
 def f32(t:Tensor) -> Tensor:
@@ -65,27 +69,305 @@ def model_logits(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as 
     "The model's logits for `xb` in eval mode, without gradients, as float32 (what the maps are computed against)"
     with eval_mode(model), torch.no_grad(): return model_output(model, prep_batch(model, xb), output).float()
 
-# %% ../nbs/03b_targets.ipynb #864634e9
-def resolve_target(target, # None (predicted class), an int, one int per image, or a callable on the logits returning those
-                   logits:Tensor, # The model's output (B, n_classes)
-                  ) -> Tensor:
-    "The class index to explain for each image, a long tensor (B,) on the logits' device"
-    if logits.dim() != 2: raise ValueError(f"the model must return logits of shape (batch, n_classes), got {tuple(logits.shape)}")
-    bs,nc = logits.shape
-    if target is None: return logits.detach().argmax(1)
-    if callable(target): target = target(logits.detach())
-    t = target.detach() if isinstance(target, Tensor) else torch.as_tensor(target)
+# %% ../nbs/03b_targets.ipynb #a0ede17c
+TASKS = ('single', 'multi', 'segment', 'regress')   # the kinds of vision model fastai trains
+
+# %% ../nbs/03b_targets.ipynb #e5a5403e
+def output_task(out:Tensor, # What the model returned (its logits or values)
+                task:str=None, # 'single', 'multi', 'segment', 'regress'; None: read from the shape
+               ) -> str:
+    "The task of `out`: `task` checked against the shape, or read from it: (B,C) single-label, (B,C,H,W) segmentation, (B,k,2) points"
+    if task is not None and task not in TASKS: raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))} or None, not {task!r}")
+    shape,d = tuple(out.shape),out.dim()
+    if task is None:
+        task = {2:'single', 4:'segment', 3:'regress'}.get(d)
+        if task is None:
+            raise ValueError(f"cannot tell the task of an output of shape {shape}: pass task= 'single' or 'multi' for (B,C) "
+                             "logits, 'segment' for (B,C,H,W), 'regress' for (B,n) or (B,k,2) values, or a callable target= "
+                             "that returns one score per image")
+        return task
+    ok = dict(single=d == 2, multi=d == 2, segment=d == 4, regress=d >= 1)[task]
+    if not ok:
+        want = dict(single='(B, n_classes) logits', multi='(B, n_labels) logits', segment='(B, n_classes, H, W) logits',
+                    regress='(B, n) values')[task]
+        seen = {2:"single-label or multi-label logits (task=None or 'multi')", 4:"segmentation logits (task='segment')",
+                3:"points (task='regress')"}.get(d, 'no task the package reads; pass a callable target= returning one score per image')
+        raise ValueError(f"task={task!r} needs {want}; the model returned shape {shape}, which reads as {seen}")
+    return task
+
+# %% ../nbs/03b_targets.ipynb #3ca97299
+def loss_task(loss_func) -> str|None:
+    "The task a fastai loss function trains: 'multi' (`BCEWithLogitsLossFlat`), 'regress' (`MSELossFlat`, `L1LossFlat`), 'single' (cross-entropy: single-label or segmentation), None if unknown"
+    f = getattr(loss_func, 'func', loss_func)
+    if isinstance(f, (nn.BCEWithLogitsLoss, nn.BCELoss)): return 'multi'
+    if isinstance(f, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)): return 'regress'
+    names = {type(loss_func).__name__, type(f).__name__}
+    if isinstance(f, (nn.CrossEntropyLoss, nn.NLLLoss)) or names & {'LabelSmoothingCrossEntropy', 'LabelSmoothingCrossEntropyFlat',
+                                                                   'FocalLoss', 'FocalLossFlat', 'CrossEntropyLossFlat'}: return 'single'
+    return None
+
+# %% ../nbs/03b_targets.ipynb #37bebcc4
+class Region:
+    "A segmentation target: class `c` (an index or a name; or one per image) over `mask` (bool (H,W) or (B,H,W)) or `box` (x1,y1,x2,y2 in output pixels; or one per image)"
+    def __init__(self, c, # The class whose logits are summed over the region
+                 mask=None, # Bool or 0/1 mask (H,W) or (B,H,W) at the output's size
+                 box=None, # (x1,y1,x2,y2) in output pixels, or (B,4)
+                ):
+        if (mask is None) == (box is None): raise ValueError("Region needs exactly one of mask= (H,W) or (B,H,W), or box= (x1,y1,x2,y2) or (B,4)")
+        self.c,self.mask,self.box = c,mask,box
+    def __repr__(self): return f"Region({self.c!r}, {'mask' if self.box is None else 'box'})"
+
+    def masks(self, out:Tensor) -> Tensor:
+        "The region as a float mask (B,H,W) on `out`'s device and dtype"
+        bs,(h,w) = len(out),out.shape[-2:]
+        if self.mask is not None:
+            m = torch.as_tensor(self.mask).to(out.device)
+            if m.dim() == 2: m = m[None].expand(bs, -1, -1)
+            if m.dim() != 3 or len(m) != bs or tuple(m.shape[-2:]) != (h, w):
+                raise ValueError(f"a Region's mask must be (H,W) or (B,H,W) at the output's size ({bs}, {h}, {w}), got {tuple(m.shape)}")
+            return (m != 0).to(out.dtype)
+        b = torch.as_tensor(self.box, dtype=torch.float64)
+        if b.dim() == 1: b = b[None].expand(bs, -1)
+        if tuple(b.shape) != (bs, 4): raise ValueError(f"a Region's box must be (x1,y1,x2,y2) or one per image ({bs}, 4), got {tuple(b.shape)}")
+        ys,xs = torch.arange(h, dtype=torch.float64)[:, None] + .5,torch.arange(w, dtype=torch.float64)[None] + .5   # pixel centres
+        b = b[:, :, None, None]
+        m = (xs >= b[:, 0]) & (xs <= b[:, 2]) & (ys >= b[:, 1]) & (ys <= b[:, 3])
+        return m.to(out.device, out.dtype)
+
+# %% ../nbs/03b_targets.ipynb #a3a26014
+def _n_outputs(out:Tensor, task:str) -> int: return out.flatten(1).shape[1] if task == 'regress' else out.shape[1]
+
+# %% ../nbs/03b_targets.ipynb #f9778fcc
+def _what(task): return dict(single='classes', multi='labels', segment='classes', regress='outputs')[task]
+
+# %% ../nbs/03b_targets.ipynb #62977c4b
+def _names_to_indices(t, vocab, task) -> Tensor:
+    "Class names (one, or one per image) as indices into `vocab`"
+    if vocab is None: raise ValueError(f"target {t!r} is a name, but no vocab is known: pass the data's vocab (vocab=) or an index")
+    names = [str(v) for v in vocab]
+    ts = [t] if isinstance(t, str) else list(t)
+    bad = [s for s in ts if str(s) not in names]
+    if bad: raise ValueError(f"target {bad[0]!r} is not one of the {_what(task)} {names}")
+    idx = torch.tensor([names.index(str(s)) for s in ts])
+    return idx[0] if isinstance(t, str) else idx
+
+# %% ../nbs/03b_targets.ipynb #02ac72d2
+def _default_indices(out:Tensor, task:str) -> Tensor:
+    "What `target=None` explains: the predicted class or most probable label; the most present non-background predicted class; the only output"
+    o = out.detach()
+    if task in ('single', 'multi'): return o.argmax(1)
+    if task == 'segment':
+        counts = F.one_hot(o.argmax(1), o.shape[1]).flatten(1, 2).sum(1)   # (B,C) predicted pixels per class
+        if o.shape[1] == 1: return counts.new_zeros(len(o))
+        fg = counts[:, 1:]
+        return torch.where(fg.amax(1) > 0, fg.argmax(1) + 1, 0)
+    n = o.flatten(1).shape[1]
+    if n == 1: return torch.zeros(len(o), dtype=torch.long, device=o.device)
+    raise ValueError(f"this regression model has {n} outputs: pass target= the index of the one to explain, 0..{n-1} "
+                     "(points (k,2) are flattened as fastai does: point i's x is 2*i, its y 2*i+1), or a callable on the output")
+
+# %% ../nbs/03b_targets.ipynb #e08f907e
+def _check_indices(t, out:Tensor, task:str) -> Tensor:
+    "`t` (an int or one per image) as a long tensor (B,) in range, or an error that says what was wrong"
+    bs,nc = len(out),_n_outputs(out, task)
+    t = t.detach() if isinstance(t, Tensor) else torch.as_tensor(t)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"target must be None, an int, one int per image or a callable returning those; got {t.dtype} values")
+        raise TypeError(f"target must be None, an int, a class name, one per image, a Region (segmentation) or a callable "
+                        f"returning scores or indices; got {t.dtype} values")
     if t.dim() == 0: t = t.expand(bs)
     if t.dim() != 1 or len(t) != bs:
         raise ValueError(f"target must be one int or one int per image ({bs} images), got shape {tuple(t.shape)}")
     bad = t[(t < 0) | (t >= nc)].unique()
-    if len(bad): raise ValueError(f"target {bad.tolist()} out of range: the model has {nc} classes, 0..{nc-1}")
-    return t.long().to(logits.device)
+    if len(bad):
+        what = 'classes' if task == 'single' else _what(task)
+        raise ValueError(f"target {bad.tolist()} out of range: the model has {nc} {what}, 0..{nc-1}")
+    return t.long().to(out.device)
+
+# %% ../nbs/03b_targets.ipynb #59c0a81c
+def _is_names(t) -> bool:
+    return isinstance(t, str) or (isinstance(t, (list, tuple)) and len(t) > 0 and all(isinstance(s, str) for s in t))
+
+# %% ../nbs/03b_targets.ipynb #585e2076
+class Target:
+    "What to explain in a model's output, for every task: called on the output (B,...) it returns one score per image (B,)"
+    def __init__(self, target=None, # None (the task's default), an int, a class name, one per image, a `Region`, or a callable on the output
+                 task:str=None, # 'single', 'multi', 'segment', 'regress'; None: from the output's shape (see `output_task`)
+                 vocab=None, # Class names (the data's vocab or codes), for targets given by name
+                 thresh:float=0.5, # Multi-label: the probability above which a label is predicted (the loss function's `thresh`)
+                ):
+        if isinstance(target, Target): target,task,vocab,thresh = target.target,task or target.task,vocab if vocab is not None else target.vocab,target.thresh
+        if task is not None and task not in TASKS: raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))} or None, not {task!r}")
+        self.target,self.task,self.vocab,self.thresh = target,task,vocab,thresh
+
+    def __repr__(self): return f"Target({self.target!r}, task={self.task!r})"
+    def __call__(self, out:Tensor) -> Tensor: return self.explain(out)[1]
+
+    def indices(self, out:Tensor) -> Tensor:
+        "The class, label or output index each image's score explains (B,), without gradients; -1 for a callable's own scores"
+        return self.explain(out.detach())[0]
+
+    def explain(self, out:Tensor) -> tuple:
+        "`(explained, score)`: the index explained per image (B,) long (-1 where a callable gave scores) and the score (B,) to backpropagate"
+        task,t,bs = output_task(out, self.task),self.target,len(out)
+        if callable(t) and not isinstance(t, Region):
+            r = t(out)
+            r = r if isinstance(r, Tensor) else torch.as_tensor(r, device=out.device)
+            if r.is_floating_point():
+                if tuple(r.shape) != (bs,):
+                    raise ValueError(f"a callable target that returns scores must return one per image, shape ({bs},); got {tuple(r.shape)}")
+                return torch.full((bs,), -1, dtype=torch.long, device=out.device),r
+            t = r
+        region = None
+        if isinstance(t, Region):
+            if task != 'segment': raise ValueError(f"a Region explains a segmentation output (B,C,H,W); this output reads as task {task!r}, shape {tuple(out.shape)}")
+            t,region = t.c,t
+        if t is None: idx = _default_indices(out, task)
+        else: idx = _check_indices(_names_to_indices(t, self.vocab, task) if _is_names(t) else t, out, task)
+        if task in ('single', 'multi'): return idx,out.gather(1, idx[:, None])[:, 0]
+        if task == 'regress': return idx,out.flatten(1).gather(1, idx[:, None])[:, 0]
+        m = region.masks(out) if region is not None else (out.detach().argmax(1) == idx[:, None, None]).to(out.dtype)
+        logit = out.gather(1, idx[:, None, None, None].expand(-1, 1, *out.shape[-2:]))[:, 0]
+        return idx,(logit * m).flatten(1).sum(1)
+
+# %% ../nbs/03b_targets.ipynb #864634e9
+def resolve_target(target, # None (predicted class), an int, a class name, one per image, or a callable on the logits returning those
+                   logits:Tensor, # The model's output (B, n_classes); other tasks' outputs with `task=`
+                   task:str=None, # 'single', 'multi', 'segment', 'regress' (see `Target`); None: classification logits (B, n_classes)
+                   vocab=None, # Class names, for targets given by name
+                  ) -> Tensor:
+    "The class (label, output) index to explain for each image, a long tensor (B,) on the output's device"
+    if task is None and not isinstance(target, Target) and logits.dim() != 2:
+        raise ValueError(f"the model must return logits of shape (batch, n_classes), got {tuple(logits.shape)}; for "
+                         "segmentation or regression outputs pass task='segment' or 'regress' (or a Target)")
+    return Target(target, task, vocab).indices(logits)
 
 # %% ../nbs/03b_targets.ipynb #28ca08e9
-def target_score(logits:Tensor, target) -> tuple:
-    "Class indices and the logit of that class for each image"
-    t = resolve_target(target, logits)
-    return t, logits.gather(1, t[:, None])[:, 0]
+def target_score(out:Tensor, # The model's output (B,...), with its graph
+                 target, # What `Target` takes, or a `Target`
+                 task:str=None, # 'single', 'multi', 'segment', 'regress'; None: the `Target`'s, else from the output's shape
+                 vocab=None, # Class names, for targets given by name
+                ) -> tuple:
+    "`(explained, score)`: the index explained per image (B,) (-1 where a callable gave scores) and the score (B,) to backpropagate"
+    return Target(target, task, vocab).explain(out)
+
+# %% ../nbs/03b_targets.ipynb #fb79d3d0
+def _target_region(tgt, out:Tensor, idx:Tensor) -> Tensor:
+    "The region (B,H,W) a segmentation target sums over: its `Region`'s, or the pixels `out` predicts as `idx`"
+    t = tgt.target
+    return t.masks(out) if isinstance(t, Region) else (out.detach().argmax(1) == idx[:, None, None]).to(out.dtype)
+
+# %% ../nbs/03b_targets.ipynb #63623041
+def fixed_target(out:Tensor, # The clean images' output
+                 target=None, # What `Target` takes, or a `Target`
+                 task:str=None, vocab=None) -> Target:
+    "`target` resolved on `out` and fixed per image: the same indices (segmentation: the same region) for other outputs of these images"
+    tgt = Target(target, task, vocab)
+    if callable(tgt.target) and not isinstance(tgt.target, Region): return tgt      # a function of each output: as it is
+    task,idx = output_task(out, tgt.task),tgt.indices(out)
+    if task == 'segment': return Target(Region(idx, mask=_target_region(tgt, out, idx)), task, tgt.vocab, tgt.thresh)
+    return Target(idx, task, tgt.vocab, tgt.thresh)
+
+# %% ../nbs/03b_targets.ipynb #1953dcb6
+def target_rows(t:Target, rows:Tensor) -> Target:
+    "The fixed target `t` (see `fixed_target`) of the images `rows`: a batch made of copies of those images"
+    r = t.target
+    if isinstance(r, Region):
+        c,m = torch.as_tensor(r.c),torch.as_tensor(r.mask)
+        return Target(Region(c[rows.to(c.device)] if c.dim() else c, mask=m[rows.to(m.device)] if m.dim() == 3 else m), t.task, t.vocab, t.thresh)
+    if isinstance(r, Tensor) and r.dim() == 1: return Target(r[rows.to(r.device)], t.task, t.vocab, t.thresh)
+    return t
+
+# %% ../nbs/03b_targets.ipynb #acbafa0b
+def target_probability(out:Tensor, # The model's output (B,...)
+                       target, # What `Target` takes, or a `Target`
+                       prob:bool=True, # False: the score itself (logit, region sum, value)
+                      ) -> Tensor:
+    "Per image (B,), the target's probability: softmax (single-label), sigmoid (multi-label), mean class probability over its region (segmentation); regression: the value"
+    tgt = target if isinstance(target, Target) else Target(target)
+    task = output_task(out, tgt.task)
+    if not prob or task == 'regress': return tgt(out)
+    if task == 'multi': return tgt(out).sigmoid()
+    idx = tgt.indices(out)
+    p = out.softmax(1)
+    if task == 'single': return p.gather(1, idx[:, None])[:, 0]
+    m = _target_region(tgt, out, idx)
+    pc = p.gather(1, idx[:, None, None, None].expand(-1, 1, *out.shape[-2:]))[:, 0]
+    return (pc*m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
+
+# %% ../nbs/03b_targets.ipynb #27ef06a1
+def _mask_targets(dls) -> bool:
+    "Do `dls`' items have a mask (segmentation) as their target?"
+    for ds in ('valid_ds', 'train_ds'):
+        try:
+            d = getattr(dls, ds)
+            if len(d): return isinstance(d[0][-1], (PILMask, TensorMask))
+        except Exception: continue
+    return False
+
+# %% ../nbs/03b_targets.ipynb #1d5f7380
+def learn_task(learn) -> str|None:
+    "The task `learn` trains: from its loss function (`loss_task`), and segmentation where a cross-entropy loss has masks as targets; None if unknown"
+    task = loss_task(learn.loss_func)
+    return 'segment' if task == 'single' and _mask_targets(learn.dls) else task
+
+# %% ../nbs/03b_targets.ipynb #a8e48a5b
+def data_vocab(dls) -> list|None:
+    "The class names of `dls`: its vocab (multi-label: the labels), or a segmentation's codes; None where it has none"
+    try: v = dls.vocab
+    except AttributeError: v = None
+    if v is None:      # MaskBlock keeps its codes in an item transform
+        fs = getattr(getattr(getattr(dls, 'train', dls), 'after_item', None), 'fs', [])
+        v = next((t.vocab for t in fs if getattr(t, 'vocab', None) is not None), None)
+    if v is not None and len(v) == 2 and (isinstance(v[-1], (list, tuple)) or type(v[-1]).__name__ in ('CategoryMap', 'L')): v = v[-1]
+    return None if v is None else [str(o) for o in v]
+
+# %% ../nbs/03b_targets.ipynb #624f8112
+def learn_target(learn, target=None, # What `Target` takes; a `Target` keeps its own task where it has one
+                ) -> Target:
+    "`target` as a `Target` with `learn`'s task, vocab (or codes) and multi-label threshold"
+    if isinstance(target, Target) and target.task is not None: return target
+    return Target(target, learn_task(learn), data_vocab(learn.dls), getattr(learn.loss_func, 'thresh', 0.5))
+
+# %% ../nbs/03b_targets.ipynb #26931ae8
+def _label_names(ids, name) -> str: return ', '.join(name(int(c)) for c in ids) or 'none'
+
+# %% ../nbs/03b_targets.ipynb #f2be04fc
+def prediction_titles(out:Tensor, # The model's output (B,...)
+                      target=None, # What the maps explain: what `Target` takes, or a `Target` (its task, vocab, threshold)
+                      ys=None, # The true targets where known: classes (B,), one-hot labels (B,n), values; masks are not shown
+                      max_values:int=4, # Regression: at most this many predicted values per title
+                     ) -> list:
+    "One title per image: what the model predicted (per task), the truth where it differs, and what the map explains"
+    tgt = target if isinstance(target, Target) else Target(target)
+    o = out.detach().float().cpu()
+    task,idx = output_task(o, tgt.task),tgt.indices(o).cpu()
+    vocab = tgt.vocab
+    name = lambda i: str(vocab[i]) if vocab is not None and 0 <= i < len(vocab) else str(i)
+    ys = None if ys is None else torch.as_tensor(ys).detach().cpu()
+    res = []
+    for k in range(len(o)):
+        e = int(idx[k])
+        if task == 'single':
+            p = o[k].softmax(0); pred = int(p.argmax())
+            s = f"{name(pred)} {p[pred].item():.2f}"
+            if ys is not None and ys.dim() == 1 and int(ys[k]) != pred: s += f"\ntrue: {name(int(ys[k]))}"
+            if e != pred: s += f"\nmap for: {name(e) if e >= 0 else 'the given score'}"
+        elif task == 'multi':
+            p = o[k].sigmoid(); on = (p > tgt.thresh).nonzero()[:, 0]
+            s = ', '.join(f"{name(int(c))} {p[c].item():.2f}" for c in on) or f"no label above {tgt.thresh:g}"
+            if ys is not None and ys.dim() == 2 and set(ys[k].nonzero()[:, 0].tolist()) != set(on.tolist()):
+                s += f"\ntrue: {_label_names(ys[k].nonzero()[:, 0], name)}"
+            s += f"\nmap for: {name(e) if e >= 0 else 'the given score'}"
+        elif task == 'segment':
+            pred = o[k].argmax(0)
+            s = f"map for: {name(e)} ({(pred == e).float().mean().item():.0%} of pixels)" if e >= 0 else "map for: the given score"
+            present = [c for c in pred.unique().tolist() if c != 0]
+            s = f"predicted: {_label_names(present, name)}\n" + s
+        else:
+            v = o[k].flatten()
+            s = "pred: " + ', '.join(f"{x:.2f}" for x in v[:max_values].tolist()) + (', ...' if len(v) > max_values else '')
+            if ys is not None and ys[k].numel() == len(v):
+                s += "\ntrue: " + ', '.join(f"{x:.2f}" for x in ys[k].flatten()[:max_values].tolist())
+            s += f"\nmap for: {'output ' + str(e) if e >= 0 else 'the given score'}"
+        res.append(s)
+    return res

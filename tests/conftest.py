@@ -23,3 +23,28 @@ def signs_learner(tmp_path_factory):
         with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 3e-3)
     finally: torch.set_num_threads(n)
     return learn
+
+@pytest.fixture(scope='session')
+def scenes_path(tmp_path_factory):
+    "A small synth_scenes folder (two signs per image, 4 classes, 32 px): multi-label, segmentation and points data"
+    from fastai_saliency.data import synth_scenes
+    return synth_scenes(tmp_path_factory.mktemp('scenes')/'s', n=64, size=32, n_classes=4, seed=0)
+
+@pytest.fixture(scope='session')
+def task_learners(scenes_path):
+    "One small learner per task beyond single-label, trained for a few seconds: 'multi' and 'points' resnet18s, a 'segment' U-Net"
+    import torch
+    from fastai.vision.all import vision_learner, unet_learner, resnet18, set_seed
+    from fastai_saliency.data import synth_scenes_dls
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    res = {}
+    try:
+        for task,epochs in (('multi', 3), ('segment', 3), ('points', 3)):
+            set_seed(0, reproducible=True)
+            dls = synth_scenes_dls(scenes_path, task, bs=16, num_workers=0)
+            make = unet_learner if task == 'segment' else vision_learner
+            learn = make(dls, resnet18, pretrained=False)
+            with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, 3e-3)
+            res[task] = learn
+    finally: torch.set_num_threads(n)
+    return res
