@@ -7,7 +7,7 @@ from __future__ import annotations
 import warnings, weakref
 import torch, torch.nn.functional as F
 from torch import nn, Tensor
-from fastcore.basics import AttrDict, listify
+from fastcore.basics import AttrDict, listify, patch
 from .hooks import HookSet, grad_node
 from .layers import default_layer, transformer_kind
 from .targets import f32, no_autocast
@@ -252,47 +252,53 @@ class FullGradMap:
     def coarse(self, hw) -> bool:
         return self.max_stride is not None and max(self.size[0]/hw[0], self.size[1]/hw[1]) > self.max_stride
 
-    def add(self, t:Tensor, # A point's term (B,...), see `point_term`
-            channels_last:bool=False, # A 4-d term laid out (B,h,w,C)
-           ):
-        "Add one term: its sum per image is kept (completeness); a map term is drawn unless too coarse"
-        with no_autocast(t), torch.no_grad():
-            self.sums.append(t.flatten(1).sum(1))
-            if t.dim() != 4: return
-            if channels_last: t = t.permute(0, 3, 1, 2)
-            if self.coarse(t.shape[-2:]): return
-            s = _minmax_channel_sum(t.abs_())
-            key = tuple(s.shape[-2:])
-            self.acc[key] = self.acc[key] + s if key in self.acc else s
+# %% ../nbs/04a_fullgrad.ipynb #51b91411
+@patch
+def add(self:FullGradMap, t:Tensor, # A point's term (B,...), see `point_term`
+        channels_last:bool=False, # A 4-d term laid out (B,h,w,C)
+       ):
+    "Add one term: its sum per image is kept (completeness); a map term is drawn unless too coarse"
+    with no_autocast(t), torch.no_grad():
+        self.sums.append(t.flatten(1).sum(1))
+        if t.dim() != 4: return
+        if channels_last: t = t.permute(0, 3, 1, 2)
+        if self.coarse(t.shape[-2:]): return
+        s = _minmax_channel_sum(t.abs_())
+        key = tuple(s.shape[-2:])
+        self.acc[key] = self.acc[key] + s if key in self.acc else s
 
-    def add_point(self, g:Tensor, # The gradient of the target logits at a point
-                  bias:Tensor=None, trailing:bool=False, clamp=None, # The constant added there, as `point_term` takes it
-                  channels_last:bool=False, # A 4-d point laid out (B,h,w,C)
-                 ):
-        "Add a point's term from its gradient and constant: what `add(point_term(...))` does, without forming a biased map term"
-        g = f32(g.detach())
-        if clamp is not None or bias is None or g.dim() != 4 or bias.dim() != 1 or trailing != channels_last:
-            return self.add(point_term(g, bias, trailing, clamp), channels_last)
-        with no_autocast(g), torch.no_grad():    # |g*b| = |g|*|b|, |b| >= 0: per-channel extremes and a weighted channel sum
-            b,sp = f32(bias),((1, 2) if channels_last else (2, 3))
-            self.sums.append((g.sum(sp)*b).sum(1))
-            hw = tuple(g.shape[1:3]) if channels_last else tuple(g.shape[-2:])
-            if self.coarse(hw): return
-            ga,ab = g.abs(),b.abs()
-            lo,hi = (ga.amin(sp)*ab).amin(1),(ga.amax(sp)*ab).amax(1)
-            wsum = ga @ ab if channels_last else (ab.view(1, 1, -1) @ ga.flatten(2)).view(len(g), *hw)   # matmul: 20x einsum's speed on CPU
-            s = range_scaled(wsum - len(ab)*lo[:, None, None], lo, hi)
-            self.acc[hw] = self.acc[hw] + s if hw in self.acc else s
+# %% ../nbs/04a_fullgrad.ipynb #b12c6ff3
+@patch
+def add_point(self:FullGradMap, g:Tensor, # The gradient of the target logits at a point
+              bias:Tensor=None, trailing:bool=False, clamp=None, # The constant added there, as `point_term` takes it
+              channels_last:bool=False, # A 4-d point laid out (B,h,w,C)
+             ):
+    "Add a point's term from its gradient and constant: what `add(point_term(...))` does, without forming a biased map term"
+    g = f32(g.detach())
+    if clamp is not None or bias is None or g.dim() != 4 or bias.dim() != 1 or trailing != channels_last:
+        return self.add(point_term(g, bias, trailing, clamp), channels_last)
+    with no_autocast(g), torch.no_grad():    # |g*b| = |g|*|b|, |b| >= 0: per-channel extremes and a weighted channel sum
+        b,sp = f32(bias),((1, 2) if channels_last else (2, 3))
+        self.sums.append((g.sum(sp)*b).sum(1))
+        hw = tuple(g.shape[1:3]) if channels_last else tuple(g.shape[-2:])
+        if self.coarse(hw): return
+        ga,ab = g.abs(),b.abs()
+        lo,hi = (ga.amin(sp)*ab).amin(1),(ga.amax(sp)*ab).amax(1)
+        wsum = ga @ ab if channels_last else (ab.view(1, 1, -1) @ ga.flatten(2)).view(len(g), *hw)   # matmul: 20x einsum's speed on CPU
+        s = range_scaled(wsum - len(ab)*lo[:, None, None], lo, hi)
+        self.acc[hw] = self.acc[hw] + s if hw in self.acc else s
 
-    def map(self, it:Tensor, # The input term, see `grad_times_input`
-            input_term:bool=True, # Draw |it| (the reference does)
-            align_corners:bool=True) -> Tensor:
-        "(B,H,W) in [0,1]: |it| scaled and summed over channels, plus each resolution's sum resized once"
-        with no_autocast(it), torch.no_grad():
-            m = _minmax_channel_sum(it.abs()) if input_term else it.new_zeros(it.shape[0], *self.size)
-            for s in self.acc.values():
-                m = m + F.interpolate(s[:, None], size=self.size, mode='bilinear', align_corners=align_corners)[:, 0]
-            return scale_maps(m)
+# %% ../nbs/04a_fullgrad.ipynb #e390da53
+@patch
+def map(self:FullGradMap, it:Tensor, # The input term, see `grad_times_input`
+        input_term:bool=True, # Draw |it| (the reference does)
+        align_corners:bool=True) -> Tensor:
+    "(B,H,W) in [0,1]: |it| scaled and summed over channels, plus each resolution's sum resized once"
+    with no_autocast(it), torch.no_grad():
+        m = _minmax_channel_sum(it.abs()) if input_term else it.new_zeros(it.shape[0], *self.size)
+        for s in self.acc.values():
+            m = m + F.interpolate(s[:, None], size=self.size, mode='bilinear', align_corners=align_corners)[:, 0]
+        return scale_maps(m)
 
 # %% ../nbs/04a_fullgrad.ipynb #7b0da25f
 def fullgrad(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
