@@ -125,7 +125,7 @@ class HookSet:
     def __exit__(self, *args): self.remove()
     def __del__(self): self.remove()
 
-#| export
+# %% ../nbs/00_hooks.ipynb #e7af2ba6
 class Capture(HookSet):
     "Capture the outputs (`acts`) and output gradients (`grads`) of `layers` of `model` while in a `with` block"
     def __init__(self, model:nn.Module, layers, # As for `find_layers`'s `include`, or `(name, module)` pairs
