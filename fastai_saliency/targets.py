@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch, torch.nn.functional as F
 from torch import nn, Tensor
+from fastcore.basics import patch
 from fastai.torch_core import TensorMask
 from fastai.vision.core import PILMask
 from .hooks import eval_mode, model_device
@@ -202,32 +203,36 @@ class Target:
     def __repr__(self): return f"Target({self.target!r}, task={self.task!r})"
     def __call__(self, out:Tensor) -> Tensor: return self.explain(out)[1]
 
-    def indices(self, out:Tensor) -> Tensor:
-        "The class, label or output index each image's score explains (B,), without gradients; -1 for a callable's own scores"
-        return self.explain(out.detach())[0]
+# %% ../nbs/03b_targets.ipynb #3f01ca21
+@patch
+def explain(self:Target, out:Tensor) -> tuple:
+    "`(explained, score)`: the index explained per image (B,) long (-1 where a callable gave scores) and the score (B,) to backpropagate"
+    task,t,bs = output_task(out, self.task),self.target,len(out)
+    if callable(t) and not isinstance(t, Region):
+        r = t(out)
+        r = r if isinstance(r, Tensor) else torch.as_tensor(r, device=out.device)
+        if r.is_floating_point():
+            if tuple(r.shape) != (bs,):
+                raise ValueError(f"a callable target that returns scores must return one per image, shape ({bs},); got {tuple(r.shape)}")
+            return torch.full((bs,), -1, dtype=torch.long, device=out.device),r
+        t = r
+    region = None
+    if isinstance(t, Region):
+        if task != 'segment': raise ValueError(f"a Region explains a segmentation output (B,C,H,W); this output reads as task {task!r}, shape {tuple(out.shape)}")
+        t,region = t.c,t
+    if t is None: idx = _default_indices(out, task)
+    else: idx = _check_indices(_names_to_indices(t, self.vocab, task) if _is_names(t) else t, out, task)
+    if task in ('single', 'multi'): return idx,out.gather(1, idx[:, None])[:, 0]
+    if task == 'regress': return idx,out.flatten(1).gather(1, idx[:, None])[:, 0]
+    m = region.masks(out) if region is not None else (out.detach().argmax(1) == idx[:, None, None]).to(out.dtype)
+    logit = out.gather(1, idx[:, None, None, None].expand(-1, 1, *out.shape[-2:]))[:, 0]
+    return idx,(logit * m).flatten(1).sum(1)
 
-    def explain(self, out:Tensor) -> tuple:
-        "`(explained, score)`: the index explained per image (B,) long (-1 where a callable gave scores) and the score (B,) to backpropagate"
-        task,t,bs = output_task(out, self.task),self.target,len(out)
-        if callable(t) and not isinstance(t, Region):
-            r = t(out)
-            r = r if isinstance(r, Tensor) else torch.as_tensor(r, device=out.device)
-            if r.is_floating_point():
-                if tuple(r.shape) != (bs,):
-                    raise ValueError(f"a callable target that returns scores must return one per image, shape ({bs},); got {tuple(r.shape)}")
-                return torch.full((bs,), -1, dtype=torch.long, device=out.device),r
-            t = r
-        region = None
-        if isinstance(t, Region):
-            if task != 'segment': raise ValueError(f"a Region explains a segmentation output (B,C,H,W); this output reads as task {task!r}, shape {tuple(out.shape)}")
-            t,region = t.c,t
-        if t is None: idx = _default_indices(out, task)
-        else: idx = _check_indices(_names_to_indices(t, self.vocab, task) if _is_names(t) else t, out, task)
-        if task in ('single', 'multi'): return idx,out.gather(1, idx[:, None])[:, 0]
-        if task == 'regress': return idx,out.flatten(1).gather(1, idx[:, None])[:, 0]
-        m = region.masks(out) if region is not None else (out.detach().argmax(1) == idx[:, None, None]).to(out.dtype)
-        logit = out.gather(1, idx[:, None, None, None].expand(-1, 1, *out.shape[-2:]))[:, 0]
-        return idx,(logit * m).flatten(1).sum(1)
+# %% ../nbs/03b_targets.ipynb #b8ad24cb
+@patch
+def indices(self:Target, out:Tensor) -> Tensor:
+    "The class, label or output index each image's score explains (B,), without gradients; -1 for a callable's own scores"
+    return self.explain(out.detach())[0]
 
 # %% ../nbs/03b_targets.ipynb #864634e9
 def resolve_target(target, # None (predicted class), an int, a class name, one per image, or a callable on the logits returning those
