@@ -238,7 +238,7 @@ def main(argv=None):
     return 0
 
 # %% ../nbs/13_cli.ipynb #ce7450c1
-from .replay import watch, RunStalled
+from .replay import watch, RunStalled, replay_methods
 
 # %% ../nbs/13_cli.ipynb #3f08dd34
 def add_watch_command(sub):
@@ -249,8 +249,8 @@ def add_watch_command(sub):
                                    "step lands within --timeout seconds and the run has no end marker (its writer died).")
     w.add_argument('run', type=Path, metavar='RUN', help="a run folder, or a folder of runs (the newest is followed)")
     w.add_argument('--out', type=Path, default=Path('evolution.gif'), help='the GIF to write (default: evolution.gif)')
-    w.add_argument('--method', choices=('fullgrad', 'gradcam'), default='fullgrad', help='the maps (default: fullgrad)')
-    w.add_argument('--layer', default=None, help="Grad-CAM's layer: a saved layer's name or a regex (default: the model's "
+    w.add_argument('--method', choices=replay_methods(), default='fullgrad', help='the maps: FullGrad or a gradient-only CAM (default: fullgrad)')
+    w.add_argument('--layer', default=None, help="the CAM's layer: a saved layer's name or a regex (default: the model's "
                                                  "default Grad-CAM layer, saved by SnapshotCallback(include=None))")
     w.add_argument('--localising', action='store_true', help="FullGrad's localising variant, as FullGradCallback draws it: no "
                    "input term, the terms of layers of stride <= 4 (the reference at small image sizes points at bright colours)")
