@@ -20,8 +20,8 @@ from .methods import get_method, method_names, saliency_maps
 from .plot import blend
 
 # %% auto #0
-__all__ = ['COMPARE_METRICS', 'SLOW_METHODS', 'pointing_curve', 'plot_pointing_curve', 'valid_boxes', 'score_methods',
-           'MethodComparison', 'MethodComparisonCallback']
+__all__ = ['COMPARE_METRICS', 'SLOW_METHODS', 'DEMO_METHOD_KWARGS', 'pointing_curve', 'plot_pointing_curve', 'valid_boxes',
+           'score_methods', 'MethodComparison', 'MethodComparisonCallback']
 
 # %% ../nbs/11_evaluate.ipynb #24871b99
 def pointing_curve(frames, # (F,N,H,W) maps of the same N probes at F moments of training
@@ -113,6 +113,9 @@ class MethodComparison(AttrDict):
                 ax.imshow(blend(self.xb[c], self.maps[name][c], cmap, alpha, self.stats))
                 if c == 0: ax.set_title(f"{row.title}: {sc}", fontsize=7, loc='left')
         return fig
+
+# %% ../nbs/11_evaluate.ipynb #294ad7ab
+DEMO_METHOD_KWARGS = dict(integrated_gradients=dict(steps=16), smoothgrad=dict(samples=8), occlusion=dict(window=16, stride=8))   # cheap settings for 64 px images
 
 # %% ../nbs/11_evaluate.ipynb #0262a98a
 def _probe_boxes(learn:Learner, idxs, size, boxes, metrics):
