@@ -17,8 +17,6 @@ from matplotlib import animation
 __all__ = ['SaliencyCallback', 'FullGradCallback', 'GradCAMCallback']
 
 # %% ../nbs/07_saliency.ipynb #e997bc4c
-_SALIENCY_METHODS = tuple(methods.METHOD_TITLES)
-
 def _fmt_epoch(e:float) -> str: return f"{e:.0f}" if abs(e - round(e)) < 1e-6 else f"{e:.2f}"
 
 # %% ../nbs/07_saliency.ipynb #88acb8dc
@@ -27,7 +25,7 @@ class SaliencyCallback(Callback):
     order,run_valid = 95,False
     _stateattrs = ('writer', 'probe_xb', '_tb', '_maps', '_logits', '_targets')   # not in `learn.export()`: the frames' numbers stay
     def _init_state(self): self.probe_xb = self.writer = self._tb = None; self._maps,self._logits,self._targets = [],[],[]
-    def __init__(self, method='fullgrad', # 'fullgrad', 'gradcam', 'cam', or a function `(model, xb, target) -> maps (B,H,W)`
+    def __init__(self, method='fullgrad', # A method's name (`methods.method_names()`: 'fullgrad', 'gradcam', 'layercam', 'integrated_gradients'...), or a function `(model, xb, target) -> maps (B,H,W)`
                  items=None, # Probes: validation indices, files, PIL images or a batch; None: `n` validation items spread over the classes
                  n:int=8, # How many probes when `items` is None
                  every='epoch', # 'epoch': a frame after each epoch; an int: after every `every` training batches
@@ -40,14 +38,14 @@ class SaliencyCallback(Callback):
                  max_frames:int|None=64, # Frames kept in memory: past it, every other older frame is dropped (`store=` keeps them all); None: all
                  log_dir=None, # A TensorBoard log folder for the frames and scores; None: the writer of an attached `TensorBoardCallback`, if any
                  **kwargs): # Passed on to the method, e.g. `input_term=False` for FullGrad
-        if not (callable(method) or method in _SALIENCY_METHODS):
-            raise ValueError(f"method must be one of {_SALIENCY_METHODS} or a function (model, xb, target) -> maps; got {method!r}")
+        m = methods.get_method(method)           # an unknown name: the error that lists the registered ones
         if every != 'epoch' and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"every must be 'epoch' or an int >= 1 (training batches), got {every!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n must be an int >= 1, got {n!r}")
         if isinstance(target, str) and target not in ('label', 'pred'):
             raise ValueError(f"target must be 'label', 'pred', None, an int or one int per probe; got {target!r}")
         if method == 'fullgrad' and layer is not None: raise ValueError("FullGrad uses every layer: layer must be None")
+        if m.layer is False and layer is not None: raise ValueError(f"{m.title} takes no layer: layer must be None, not {layer!r}")
         if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 2):
             raise ValueError(f"max_frames must be an int >= 2 or None, got {max_frames!r}")
         self.frame_metrics = _frame_metrics(metrics, metric_steps)
@@ -79,7 +77,7 @@ class SaliencyCallback(Callback):
         self.norm = dls_norm(self.dls)
         self.vocab = data_vocab(self.dls)
         self._setup_task()
-        if self.method == 'gradcam' or (self.method == 'cam' and self.layer is not None):
+        if methods.get_method(self.method).layer and (self.method != 'cam' or self.layer is not None):
             self.layer = layer_name(self.model, self.layer)   # a name, also for a module or regex
         self._setup_scores()
 
