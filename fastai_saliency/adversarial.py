@@ -227,7 +227,7 @@ def _show_attack(learn:Learner, r:AttrDict, method='gradcam', layer=None, amplif
 @patch
 def show_adversarial(self:Learner, items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
                      eps:float=8/255, # The largest change of a pixel, in pixel units
-                     target=None, # None: away from the labels (or predictions); a class (name or index), or one per item: towards it
+                     target=None, # None: away from the labels (or predictions); a class (name or index), one per item, a `Region`, an output index: towards it
                      steps:int=1, # 1: FGSM; more: iterated (see `fgsm`)
                      method:str='gradcam', # The maps of both images: 'gradcam', 'fullgrad', 'cam', or None (no maps)
                      layer=None, # The layer of Grad-CAM or CAM; default: `layers.default_layer`
