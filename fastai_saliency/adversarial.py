@@ -176,9 +176,9 @@ def adversarial(self:Learner, items=None, # None (the first `n` validation image
 
 # %% ../nbs/12_adversarial.ipynb #e0a494fc
 def _maps(model, xb, method:str, layer=None, output=None, target=None) -> Tensor:
-    "Maps (B,H,W) of `xb` for `target` (None: the predicted classes) by `method`: 'gradcam' (at `layer`), 'fullgrad' (no layer) or 'cam'"
-    if method not in methods.METHOD_TITLES: raise ValueError(f"method must be one of {list(methods.METHOD_TITLES)} or None, not {method!r}")
-    return methods.saliency_maps(model, xb, method, None if method == 'fullgrad' else layer, target=target, output=output)
+    "Maps (B,H,W) of `xb` for `target` (None: the predicted classes) by `method`: any registered method (`methods.method_names()`), at `layer` where it takes one"
+    m = methods.get_method(method)      # any registered name; an unknown one is an error listing them
+    return methods.saliency_maps(model, xb, method, layer if m.layer else None, target=target, output=output)
 
 # %% ../nbs/12_adversarial.ipynb #a7c3e104
 def _panel_target(learn:Learner, r:AttrDict, task:str) -> Target:
@@ -203,7 +203,7 @@ def _show_attack(learn:Learner, r:AttrDict, method='gradcam', layer=None, amplif
     _,std = pixel_stats(stats, r.x.shape[1], r.x_adv.device)
     diff = ((xs[1] - xs[0])*std).cpu()
     amp = amplify if amplify is not None else (0.5/r.eps if r.eps > 0 else 1.)
-    what = None if method is None else methods.METHOD_TITLES[method]
+    what = None if method is None else methods.get_method(method).title
     cols = ['clean', 'attacked'] if maps is None else ['clean', f'{what}, clean', 'attacked', f'{what}, attacked']
     cols.append(f'difference x{amp:.3g}')
     B,per = len(r.x),1 if maps is None else 2

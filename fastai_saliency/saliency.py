@@ -65,7 +65,7 @@ class SaliencyCallback(Callback):
 
     @property
     def method_name(self) -> str:
-        return methods.METHOD_TITLES.get(self.method, getattr(self.method, '__name__', 'saliency'))
+        return methods.get_method(self.method).title
 
     def _setup_probes(self):
         "The probe batch, its labels (or None) and the Normalize of the data, built once without touching the random state"
