@@ -151,11 +151,18 @@ def test_disk_errors_surface(tmp_path, monkeypatch, background):
     assert not trial.loaded_all_steps and len(trial.steps('train')) < 12
     check_readable(trial)
 
-def test_safetensors_error_becomes_oserror(tmp_path, monkeypatch):
-    def full(*args, **kwargs): raise store.SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
-    monkeypatch.setattr(store, 'save_file', full)
+def test_full_disk_becomes_oserror(tmp_path, monkeypatch):
+    "A full disk while a step file is written (the store writes it with one os.writev) stops the fit with the OS's error"
+    calls,real = [],os.writev
+    def full(fd, bufs):                              # run.json goes in; the first step file finds the disk full
+        calls.append(len(bufs))
+        if len(calls) > 1: raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(fd, bufs)
+    monkeypatch.setattr(os, 'writev', full)
     learn = tiny_learn(tmp_path, every=1, background=False)
     with pytest.raises(OSError, match='No space left on device'): fit_quiet(learn)
+    monkeypatch.undo()
+    assert n_hooks(learn.model) == 0 and Trial(tmp_path).steps() == []
 
 def test_path_that_is_a_file(tmp_path):
     (tmp_path/'f').write_text('x')
