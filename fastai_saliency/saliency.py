@@ -31,12 +31,13 @@ class SaliencyCallback(Callback):
                  every='epoch', # 'epoch': a frame after each epoch; an int: after every `every` training batches
                  layer=None, # The layer of 'gradcam' and 'cam' (see `find_layer`); None: the last conv block
                  target='label', # 'label' (the true class where known, else the predicted one), 'pred', an int or one int per probe
-                 store=None, # A folder of runs: each fit also writes its frames to a new run there (mode 'predict')
+                 store=None, # A folder of runs, or its URL (`s3://bucket/runs`): each fit also writes its frames to a new run there (mode 'predict')
                  metrics=None, # Scores of every frame: 'pointing', 'deletion', 'insertion', or functions (model, xb, maps, target) -> (B,)
                  boxes=None, # The probes' boxes (N,4) in input pixels, for 'pointing'; None: from the validation DataFrame (SynthSigns)
                  metric_steps:int=16, # Steps of each deletion and insertion curve
                  max_frames:int|None=64, # Frames kept in memory: past it, every other older frame is dropped (`store=` keeps them all); None: all
                  log_dir=None, # A TensorBoard log folder for the frames and scores; None: the writer of an attached `TensorBoardCallback`, if any
+                 storage_options:dict=None, # Passed to fsspec where `store` is a URL (default: the backend's own configuration)
                  **kwargs): # Passed on to the method, e.g. `input_term=False` for FullGrad
         if not (callable(method) or method in _SALIENCY_METHODS):
             raise ValueError(f"method must be one of {_SALIENCY_METHODS} or a function (model, xb, target) -> maps; got {method!r}")
@@ -49,7 +50,7 @@ class SaliencyCallback(Callback):
         if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 2):
             raise ValueError(f"max_frames must be an int >= 2 or None, got {max_frames!r}")
         self.frame_metrics = _frame_metrics(metrics, metric_steps)
-        store_attr('method,items,n,every,layer,target,store,boxes,metric_steps,max_frames,log_dir,kwargs')
+        store_attr('method,items,n,every,layer,target,store,boxes,metric_steps,max_frames,log_dir,storage_options,kwargs')
         self.probe_xb = self.writer = self._tb = None
         self.reset()
 
@@ -88,7 +89,7 @@ class SaliencyCallback(Callback):
         if self.probe_xb is None: self._setup_probes()
         self.n_batches = max(1, len(self.dls.train))   # for the epoch of a frame: iteration / batches per epoch
         if self.store is not None:
-            self.writer = SnapshotWriter(self.store, meta=dict(
+            self.writer = SnapshotWriter(self.store, storage_options=self.storage_options, meta=dict(
                 writer='SaliencyCallback', method=self.method_name, layer=self.layer, every=self.every,
                 items=self.item_idxs, vocab=None if self.vocab is None else [str(v) for v in self.vocab]))
             self._first_step = True

@@ -83,6 +83,8 @@ class Location:
     def pathlike(self):
         "A `Path` for a local location, the URL (a `str`) for a remote one"
         return Path(self.path) if self.local else self.url
+    @property
+    def name(self) -> str: return os.path.basename(self.path.rstrip('/'))
     def __truediv__(self, name:str) -> Location:
         if self.local: return Location(os.path.join(self.url, name))
         return Location(f'{self.url}/{name}', self.fs, f'{self.path}/{name}')
@@ -136,6 +138,11 @@ class Location:
             self.fs.invalidate_cache(self.path)
             return [p.rstrip('/').rsplit('/', 1)[-1] for p in self.fs.ls(self.path, detail=False)]
         except (FileNotFoundError, NotADirectoryError): return []
+
+    def remove(self):
+        "Delete this file"
+        if self.local: os.remove(self.path)
+        else: self.fs.rm_file(self.path)
 
     def write(self, data, # Bytes, or a list of bytes-like buffers written one after the other
               fsync:bool=True, # Local: fsync the file and its folder
@@ -574,7 +581,8 @@ def _read_remote(f:Location, names:list, cache:dict) -> dict:
         (ga,_),d = next((g, d) for g,d in zip(groups, datas) if g[0] <= a and b <= g[1])
         sub[n] = dict(head[n], data_offsets=[off, off + b - a]); bufs.append(d[a-ga:b-ga]); off += b - a
     h = json.dumps(sub).encode(); h += b' '*(-len(h) % 8)
-    return safetensors_load(b''.join([struct.pack('<Q', len(h)), h] + bufs))
+    res = safetensors_load(b''.join([struct.pack('<Q', len(h)), h] + bufs))
+    return {n: res[n] for n in names}
 
 # %% ../nbs/01_store.ipynb #3a86cee2
 class TrialTensor:

@@ -222,3 +222,49 @@ def test_killed_writer(tmp_path, background):
     on_disk = {str(p.relative_to(trial.path)) for p in trial.path.rglob('*.safetensors*')}
     unlisted = on_disk - listed
     assert len(unlisted) <= 1, unlisted             # only the step in flight is lost
+
+def test_fit_into_an_object_store(tmp_path):
+    "The same fit to a local folder and to `memory://` (fsspec's object store in this process): the same steps and tensors"
+    url = f'memory://test-fit-{os.getpid()}/runs'
+    for path in (tmp_path, url):
+        learn = tiny_learn(path, every=2, valid_every=1, fsync=False)
+        fit_quiet(learn, 2)
+        assert n_hooks(learn.model) == 0
+    local,remote = Trial(tmp_path),learn.snapshot.trial()
+    assert remote.path == f'{url}/run-001' and remote.loaded_all_steps and remote.info['index'] == 'objects'
+    for mode in ('train', 'valid'): assert remote.steps(mode) == local.steps(mode) and remote.steps(mode)
+    assert check_readable(remote) == check_readable(local) > 0
+    for s in (0, 4):
+        a,b = local.tensors(s),remote.tensors(s)
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert list_runs(url) == [f'{url}/run-001']
+    store.Location.of(url).fs.rm(f'/test-fit-{os.getpid()}', recursive=True)
+
+class SlowStore(store.Location):
+    "A local location whose step files take `delay` s to write: storage slower than the steps come"
+    delay = 0.05
+    def write(self, data, *args, **kwargs):
+        if '.safetensors' in self.path: time.sleep(self.delay)
+        return super().write(data, *args, **kwargs)
+    def __truediv__(self, name): return SlowStore(os.path.join(self.url, name))
+
+@pytest.mark.parametrize('when_full', ['block', 'drop'])
+def test_queue_within_its_budget(tmp_path, monkeypatch, when_full):
+    "Storage slower than the steps: the queue never holds more than queue_bytes; 'block' waits and writes every step, 'drop' leaves some out with a warning"
+    monkeypatch.setattr(store.Location, 'of', classmethod(lambda cls, p, so=None: SlowStore(str(p))))
+    seen,close = [],store.SnapshotWriter.close
+    def closing(self, *args, **kwargs): seen.append(self.max_queued); return close(self, *args, **kwargs)
+    monkeypatch.setattr(store.SnapshotWriter, 'close', closing)
+    step = 2*8*8*10*10*4                               # a step: the outputs of two conv layers (and the loss); the budget: three
+    learn = tiny_learn(tmp_path, every=1, valid_every=0, include=['0', '3'], grads=False, bn_stats=False, fsync=False,
+                       queue_bytes=3*step + 100, when_full=when_full)
+    if when_full == 'drop':
+        with pytest.warns(UserWarning, match=r"is dropped \(when_full='drop'\)"): fit_quiet(learn, 2)
+    else: fit_quiet(learn, 2)
+    monkeypatch.undo()
+    trial = Trial(tmp_path)
+    assert trial.loaded_all_steps and check_readable(trial) > 0
+    assert 2*step < seen[0] <= 3*step + 100            # the queue filled up to its budget, never past it
+    dropped = [d['step'] for d in trial.end.get('dropped', [])]
+    assert sorted(trial.steps('train') + dropped) == list(range(12))
+    assert bool(dropped) == (when_full == 'drop')
