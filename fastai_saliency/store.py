@@ -800,11 +800,12 @@ class Trial:
     def _modes_of(self, name): return [m for m in MODES if self._tensor_steps(name, m)]
 
     def step_info(self, step:int, mode:str='train') -> dict:
-        "Epoch, iteration, when it landed (`time`), names, shapes, dtypes, files and metadata of `step` of `mode` (its parts merged)"
+        "Epoch, iteration, when it landed (`time`), names, shapes, dtypes, files, their `bytes` and metadata of `step` of `mode` (its parts merged)"
         self._auto_refresh()
         recs = self._step_recs(step, mode)
         res = dict(mode=mode, step=step, epoch=recs[0]['epoch'], iteration=recs[0]['iteration'],
-                   time=max(r.get('time', 0.) for r in recs), names=[], shapes=[], dtypes=[], files=[], meta={})
+                   time=max(r.get('time', 0.) for r in recs), names=[], shapes=[], dtypes=[], files=[],
+                   bytes=sum(r.get('bytes', 0) for r in recs), meta={})
         for r in recs:
             for k in ('names', 'shapes', 'dtypes'): res[k] += r[k]
             if r['file']: res['files'].append(r['file'])
