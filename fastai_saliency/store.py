@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_store.ipynb #46564fc2
 from __future__ import annotations
-import os, re, json, time, errno, struct, difflib, socket, threading, warnings
+import os, re, json, time, errno, struct, difflib, socket, threading, warnings, atexit, weakref
 from collections import deque
 from pathlib import Path
 import torch
@@ -122,8 +122,10 @@ class Location:
         return got
 
     def size(self) -> int:
-        "Bytes in this file"
-        return os.stat(self.path).st_size if self.local else self.fs.size(self.path)
+        "Bytes in this file, looked up now"
+        if self.local: return os.stat(self.path).st_size
+        self.fs.invalidate_cache(self.path)
+        return self.fs.size(self.path)
 
     def exists(self) -> bool:
         "Whether this file or folder (on an object store: any key under it) exists, looked up now"
@@ -312,6 +314,17 @@ def _create_run(root:Location, info:bytes, fsync:bool=True) -> Location:
     except ValueError: raise
     except Exception as e: raise _cannot_write(e, root) from e
 
+# %% ../nbs/01_store.ipynb #5a7d2c90
+_WRITERS = weakref.WeakSet()
+
+@atexit.register
+def _finish_writes(timeout:float=60.):
+    "At interpreter exit, let the background writers write what they were handed (up to `timeout` s): steps, not end markers"
+    t0 = time.monotonic()
+    for w in list(_WRITERS):
+        with w._cv:
+            while w._worker is not None and time.monotonic() - t0 < timeout: w._cv.wait(0.1)
+
 # %% ../nbs/01_store.ipynb #162a0559
 class SnapshotWriter:
     "Write snapshot steps into a new run `path/run-NNN` (a folder, or keys under a URL): one safetensors file per step part, listed once complete"
@@ -336,6 +349,7 @@ class SnapshotWriter:
         self.dropped,self.max_queued,self._block = [],0,[]
         self._queue,self._queued,self._cv,self._worker = deque(),0,threading.Condition(),None
         self._error,self._broken = None,None
+        _WRITERS.add(self)
 
     def write_step(self, mode:str, # 'train', 'valid' or 'predict'
                    step:int, # Step number within `mode`
@@ -636,7 +650,8 @@ class Trial:
         if self.end is None:                           # looked at before the index: then the index read below is all there
             try: end = (self.loc/_END_FILE).read()
             except FileNotFoundError: pass
-        if self._kind == 'objects': self._read_objects()
+        if self._kind == 'objects':
+            if self.end is None or self._next < self.end.get('records', float('inf')): self._read_objects()
         else: self._read_lines()
         if end is not None: self.end = json.loads(end)
         return self

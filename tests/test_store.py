@@ -268,3 +268,22 @@ def test_queue_within_its_budget(tmp_path, monkeypatch, when_full):
     dropped = [d['step'] for d in trial.end.get('dropped', [])]
     assert sorted(trial.steps('train') + dropped) == list(range(12))
     assert bool(dropped) == (when_full == 'drop')
+
+EXITING = textwrap.dedent('''
+    import sys, time, torch
+    from fastai_saliency.store import SnapshotWriter
+    class Slow:
+        def synchronize(self): time.sleep(0.3)          # storage busy with the first step
+    w = SnapshotWriter(sys.argv[1], fsync=False)
+    for s in range(3): w.write_step('train', s, {'a': torch.full((4,), float(s))}, wait=False, ready=Slow() if s == 0 else None)
+    raise SystemExit(3)                                 # a script that ends (or raises) without closing its writer
+''')
+
+def test_queued_steps_are_written_at_exit(tmp_path):
+    "Steps handed to the background writer are written before the interpreter exits (no end marker: the run did not end)"
+    (tmp_path/'exiting.py').write_text(EXITING)
+    r = subprocess.run([sys.executable, str(tmp_path/'exiting.py'), str(tmp_path/'runs')], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr[-2000:]
+    trial = Trial(tmp_path/'runs')
+    assert trial.steps('train') == [0, 1, 2] and trial.end is None
+    assert torch.equal(trial.tensor('a').value(2), torch.full((4,), 2.))

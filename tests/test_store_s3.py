@@ -62,7 +62,7 @@ def test_a_fit_on_a_bucket_followed_live(tmp_path, bucket):
     """A fit in another process writes to S3; this one follows it and draws FullGrad as each step lands, equal to the maps of
     the same run written to a local folder; `fastai-saliency watch s3://...`, a third process, makes its GIF meanwhile"""
     url = f's3://{bucket}/live'
-    s3 = start(['writer.py', url, '3', '2', '0.25'], tmp_path, 's3')
+    s3 = start(['writer.py', url, '3', '2', '0.15'], tmp_path, 's3')
     watcher = start(['-c', CLI, 'watch', url, '--out', str(tmp_path/'live.gif'), '--n', '4', '--poll', '0.1', '--timeout', '120'],
                     tmp_path, 'watch')
     try:
