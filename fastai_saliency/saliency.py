@@ -23,8 +23,8 @@ def _fmt_epoch(e:float) -> str: return f"{e:.0f}" if abs(e - round(e)) < 1e-6 el
 class SaliencyCallback(Callback):
     "Saliency maps of fixed probe images before training, then every epoch or every `every` training batches"
     order,run_valid = 95,False
-    _stateattrs = ('writer', 'probe_xb', '_tb', '_maps', '_logits', '_targets')   # not in `learn.export()`: the frames' numbers stay
-    def _init_state(self): self.probe_xb = self.writer = self._tb = None; self._maps,self._logits,self._targets = [],[],[]
+    _stateattrs = ('writer', 'probe_xb', '_tb', '_maps', '_logits', '_targets', 'storage_options')   # not in `learn.export()` (nor credentials): the frames' numbers stay
+    def _init_state(self): self.probe_xb = self.writer = self._tb = self.storage_options = None; self._maps,self._logits,self._targets = [],[],[]
     def __init__(self, method='fullgrad', # 'fullgrad', 'gradcam', 'cam', or a function `(model, xb, target) -> maps (B,H,W)`
                  items=None, # Probes: validation indices, files, PIL images or a batch; None: `n` validation items spread over the classes
                  n:int=8, # How many probes when `items` is None
@@ -50,7 +50,8 @@ class SaliencyCallback(Callback):
         if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 2):
             raise ValueError(f"max_frames must be an int >= 2 or None, got {max_frames!r}")
         self.frame_metrics = _frame_metrics(metrics, metric_steps)
-        store_attr('method,items,n,every,layer,target,store,boxes,metric_steps,max_frames,log_dir,storage_options,kwargs')
+        store_attr('method,items,n,every,layer,target,store,boxes,metric_steps,max_frames,log_dir,kwargs')
+        self.storage_options = storage_options   # not through store_attr: credentials stay out of `learn.export()`
         self.probe_xb = self.writer = self._tb = None
         self.reset()
 

@@ -46,8 +46,8 @@ class SnapshotCallback(HookCallback):
     _cap = _top = _snap = run_path = None
     _explaining = stopped = False
     _predicting = False
-    _stateattrs = ('writer', 'predict_writer', '_buf', '_cap', '_top')   # not pickled by `learn.export()`
-    def _init_state(self): self._state,self.writer,self.predict_writer,self._buf,self._cap,self._top = {},None,None,{},None,None
+    _stateattrs = ('writer', 'predict_writer', '_buf', '_cap', '_top', 'storage_options')   # not pickled by `learn.export()` (credentials neither)
+    def _init_state(self): self._state,self.writer,self.predict_writer,self._buf,self._cap,self._top,self.storage_options = {},None,None,{},None,None,None
     def __init__(self, path, # Folder of runs, or an fsspec URL (`'s3://bucket/runs'`): each fit writes a new `path/run-NNN` (see `SnapshotWriter`)
                  every:int=100, # Save training batches 0, every, 2*every, ... (counted over the fit); 0 or None: none
                  valid_every:int=None, # None: the first batch of each validation pass; N: every N-th validation batch (counted over the fit); 0: none
@@ -85,7 +85,8 @@ class SnapshotCallback(HookCallback):
         if when_full not in ('block', 'drop'): raise ValueError(f"when_full must be 'block' or 'drop', got {when_full!r}")
         self.dest = path                         # a local folder or a URL: the store tells them apart (never through Path)
         store_attr('valid_every,include,exclude,grads,explain,target,max_bytes,bn_stats,params,dtype,background,fsync,output,predict_every')
-        store_attr('queue_bytes,when_full,storage_options')
+        store_attr('queue_bytes,when_full')
+        self.storage_options = storage_options   # not through store_attr, whose copy of the arguments is pickled
         self.writer = self.predict_writer = None
 
     @property

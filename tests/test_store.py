@@ -287,3 +287,11 @@ def test_queued_steps_are_written_at_exit(tmp_path):
     trial = Trial(tmp_path/'runs')
     assert trial.steps('train') == [0, 1, 2] and trial.end is None
     assert torch.equal(trial.tensor('a').value(2), torch.full((4,), 2.))
+
+def test_credentials_stay_out_of_exported_learners():
+    "storage_options (which may hold keys) are not pickled with the callbacks by `learn.export()`"
+    from fastai_saliency.saliency import SaliencyCallback
+    opts = dict(key='AKIA-not-a-key', secret='not-a-secret')
+    for cb in (SnapshotCallback('s3://bucket/runs', storage_options=opts), SaliencyCallback(store='s3://bucket/runs', storage_options=opts)):
+        data = pickle.dumps(cb)
+        assert b'not-a-secret' not in data and pickle.loads(data).storage_options is None and cb.storage_options == opts
