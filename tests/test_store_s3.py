@@ -86,6 +86,7 @@ def test_a_fit_on_a_bucket_followed_live(tmp_path, bucket):
     with Image.open(tmp_path/'live.gif') as g: assert g.n_frames == 3
     out = (tmp_path/'watch.out').read_text()
     assert f"Following '{url}/run-001'" in out and out.rstrip().endswith(f"3 frames in '{tmp_path/'live.gif'}'"), out[-2000:]
+    assert not (tmp_path/'s3:').exists()                                        # nothing went to a local folder named after the URL
     keys = Location.of(url).fs.find(f'{bucket}/live/run-001')                  # what the bucket holds: no index.jsonl
     assert not any(k.endswith('index.jsonl') for k in keys) and sum('/index/' in k for k in keys) == trial.end['records']
 
@@ -107,7 +108,8 @@ def test_writer_killed_mid_upload_leaves_a_readable_run(tmp_path, bucket):
     assert check_readable(trial) > 0                                             # every listed step reads back whole
     with pytest.raises(RunStalled, match=r'its writer \(pid \d+ on this host\) no longer runs'): list(follow(trial, 'train', timeout=600))
 
-def test_missing_bucket_is_said_before_the_first_epoch(tmp_path, s3_server, capsys):
+def test_missing_bucket_is_said_before_the_first_epoch(tmp_path, s3_server, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     from fastai.basics import Callback
     class Batches(Callback):
         n = 0
@@ -116,7 +118,7 @@ def test_missing_bucket_is_said_before_the_first_epoch(tmp_path, s3_server, caps
     learn = tiny_learn('s3://no-such-bucket/runs', cbs=[count], every=1)
     with pytest.raises(NoSuchBucket, match=r"the bucket 'no-such-bucket' of 's3://no-such-bucket/runs' does not exist \(endpoint http://127"):
         fit_quiet(learn)
-    assert count.n == 0                                           # said in before_fit: no batch was trained
+    assert count.n == 0 and not (tmp_path/'s3:').exists()        # said in before_fit: no batch trained, no local folder made
     with pytest.raises(NoSuchBucket, match='does not exist'): Trial('s3://no-such-bucket/runs')
     assert main(['watch', 's3://no-such-bucket/runs', '--timeout', '600']) == 1    # at once: a bucket does not appear by waiting
     assert "the bucket 'no-such-bucket'" in capsys.readouterr().err
