@@ -29,6 +29,12 @@ p.add_argument('--threads', type=int, default=None, help="torch CPU threads (def
                "oversubscribed machine 1 thread gives steadier timings")
 p.add_argument('--pgc', default='/tmp/gradcam_pkg', help="folder holding pytorch-grad-cam (pip install --target)")
 p.add_argument('--memory-only', action='store_true', help=argparse.SUPPRESS)   # the child process that measures memory
+p.add_argument('--family', action='store_true', help='every method against pytorch-grad-cam, torchcam and captum '
+               '(bench/method_family.py; the options after --family go to it)')
+if '--family' in sys.argv:
+    i = sys.argv.index('--family')
+    sys.argv = [str(Path(__file__).with_name('method_family.py'))] + sys.argv[i+1:]
+    import runpy; runpy.run_path(sys.argv[0], run_name='__main__'); sys.exit(0)
 a = p.parse_args()
 
 if a.threads: torch.set_num_threads(a.threads)

@@ -9,6 +9,7 @@ from .layers import *
 from .targets import *
 from .methods import *
 from .fullgrad import *
+from .attributions import *
 from .plot import *
 from .snapshot import *
 from .scoring import *

@@ -14,12 +14,11 @@ from .snapshot import SnapshotCallback
 from .scoring import box_area_share, random_map
 from .saliency import SaliencyCallback, FullGradCallback, GradCAMCallback
 from .store import Trial
-from .evaluate import plot_pointing_curve
+from .evaluate import plot_pointing_curve, DEMO_METHOD_KWARGS
 import fastai_saliency.learner   # Learner.show_layer_heatmaps, ClassificationInterpretation.plot_top_losses(heatmap=True)
 import sys
 from .monitor import check_capture
 from .adversarial import adversarial_story
-
 
 # %% auto #0
 __all__ = ['MONITOR_VIOLATIONS', 'add_monitor_parser', 'demo_parser', 'save_samples', 'save_training_stats', 'write_report',
@@ -43,9 +42,11 @@ def add_monitor_parser(sub):
                                    'baseline (PredictionMonitor.from_learner(learn).constraints.save(fname)): write the violations '
                                    'report (JSON and PNG) to --out and append its figures to --out/history.jsonl. Run it from '
                                    'cron for a scheduled check. Exit status: 0 no violation, 1 violations found, 2 bad input.')
-    m.add_argument('capture', type=Path, metavar='CAPTURE', help='capture folder (or file) of PredictionMonitor(capture=...)')
+    m.add_argument('capture', metavar='CAPTURE', help='capture folder (or file) of PredictionMonitor(capture=...), or its URL '
+                   '(s3://bucket/capture: credentials and endpoint as the backend takes them, e.g. AWS_* variables)')
     m.add_argument('--constraints', type=Path, required=True, metavar='JSON', help='constraints file of the baseline')
-    m.add_argument('--out', type=Path, default=None, help='folder for the reports and history.jsonl (default: CAPTURE/monitoring)')
+    m.add_argument('--out', type=Path, default=None, help='folder for the reports and history.jsonl (default: CAPTURE/monitoring; '
+                   'for a URL: ./monitoring)')
     m.add_argument('--since', default='last', help="which records: 'last' (those after the last check in --out, the default), "
                                                    "'all', or those after an ISO time such as 2024-05-01T13:00:00+00:00")
     return m
@@ -112,6 +113,12 @@ Insertion: the pixels are revealed on a blurred copy of the image, highest first
 the pixels is the floor. Scored on the {n_probes} probes at every frame, {steps} steps per curve.</p>
 <img src="faithfulness.png" alt="deletion and insertion along training">
 {faith_table}
+<h2>Which method to trust on this model</h2><p>Every method of the package but ScoreCAM and AblationCAM on the
+{n_probes} probes of the trained model (<code>learn.compare_methods()</code>): the pointing game (higher is better),
+deletion (lower) and insertion (higher) areas with {steps} steps, and the mean rank correlation of each map with the map
+of the same network with every weight re-initialised (randomisation: near 0, the map depends on what the model learned;
+near 1, it would look the same for any network). Seconds: the maps alone.</p>{methods_table}
+<img src="methods.png" alt="the maps of every method, a row per method">
 <h2>Where the trained model fails</h2><p>The validation images with the largest loss, each with its Grad-CAM map (at
 <code>'0.5'</code>) for the predicted class and for the true class.</p><img src="top_losses.png" alt="top losses with heatmaps">
 <h2>Deployed: a monitor, an attack, and what the flagged requests looked at</h2>
@@ -137,7 +144,7 @@ def _table(curves:dict) -> str:
     n = max(len(c) for c in curves.values())
     return f"<table><tr><th>epoch</th>{''.join(f'<th>{e}</th>' for e in range(n))}</tr>{rows}</table>"
 
-def write_report(fname, res:dict, curves:dict, faithfulness:dict, deployment:dict):
+def write_report(fname, res:dict, curves:dict, faithfulness:dict, deployment:dict, methods=None):
     "A static page `fname` with the demo's pictures, accuracy, pointing-game, faithfulness and deployment numbers"
     faith = {f"{k}, {m}": v for k,d in faithfulness.items() for m,v in d.items()}
     d = deployment
@@ -148,7 +155,9 @@ def write_report(fname, res:dict, curves:dict, faithfulness:dict, deployment:dic
               f"<td>{d['accuracy_clean']:.2f}</td><td>-</td></tr>{rows}</table>")
     flagged = [v for v in d['burst_flagged'] if v['kind'] == 'class_share']
     g = d['maps'].get('gradcam', {})
-    Path(fname).write_text(_PAGE.format(table=_table(curves), faith_table=_table(faith), attack_table=attack,
+    mt = '' if not methods else pd.DataFrame(methods).drop(columns='method').rename(columns=dict(title='method')).to_html(
+        index=False, float_format=lambda v: f'{v:.2f}', border=0)
+    Path(fname).write_text(_PAGE.format(table=_table(curves), faith_table=_table(faith), attack_table=attack, methods_table=mt,
         snaps=_html.escape(str(res['snapshots'])), deploy_n=d['n_traffic'], deploy_target=_html.escape(d['target']),
         deploy_eps=f"{d['eps'][-1]['eps']*255:.0f}", clean_check='no violation' if d['clean_ok'] else 'violations (!)',
         flagged=_html.escape('; '.join(v['message'] for v in flagged) or 'nothing'),
@@ -202,6 +211,10 @@ def run_demo(out='demo_out', epochs:int=4, size:int=64, n_per_class:int=200, see
     gc.plot_metrics(others={'FullGrad (localising)': fg, 'random order': rnd}, metrics=['deletion', 'insertion'],
                     label="Grad-CAM at '0.5'"); _save(out/'faithfulness.png')
     interp.plot_top_losses(6, heatmap=True, layer='0.5', ncols=3); _save(out/'top_losses.png')
+    print(f"Comparing the methods on the trained model ({time.time() - t0:.0f} s so far)")
+    cmp = learn.compare_methods(items=fg.item_idxs, n_steps=steps, method_kwargs=DEMO_METHOD_KWARGS)
+    cmp.show(n=4); _save(out/'methods.png')
+    methods_table = cmp.table.to_dict('records')
     trial = snap.trial()
     save_training_stats(trial, out/'training.png')
     print(f"Serving: a baseline from validation, clean traffic, then an attacked burst ({time.time() - t0:.0f} s so far)")
@@ -211,14 +224,14 @@ def run_demo(out='demo_out', epochs:int=4, size:int=64, n_per_class:int=200, see
     plt.close('all')
     deploy = story['numbers']
     files = ['evolution.gif', 'frames.png', 'frames_gradcam.png', 'layers.png', 'pointing.png', 'faithfulness.png',
-             'top_losses.png', 'training.png', 'attack_accuracy.png', 'attack.png', 'monitor.png', 'flagged.png',
+             'top_losses.png', 'methods.png', 'training.png', 'attack_accuracy.png', 'attack.png', 'monitor.png', 'flagged.png',
              'samples.png', 'report.html', 'results.json']
     res = dict(accuracy=float(acc), valid_loss=float(loss), epochs=epochs, size=size, n_per_class=n_per_class,
                seed=seed, device=str(device), seconds=round(time.time() - t0, 1), pointing=curves, chance=chance,
-               faithfulness=faith, probes=fg.item_idxs, snapshots=str(trial.path), n_steps=len(trial.steps(mode='train')),
+               faithfulness=faith, methods=methods_table, probes=fg.item_idxs, snapshots=str(trial.path), n_steps=len(trial.steps(mode='train')),
                deployment=deploy, files=files)
     write_report(out/'report.html', dict(res, acc=res['accuracy'], loss=res['valid_loss'], n_img=len(df),
-                                         n_cls=dls.c, n_probes=n_probes, steps=steps), curves, faith, deploy)
+                                         n_cls=dls.c, n_probes=n_probes, steps=steps), curves, faith, deploy, methods_table)
     (out/'results.json').write_text(json.dumps(res, indent=2))
     c,d = curves["Grad-CAM at '0.5'"],faith["Grad-CAM at '0.5'"]['deletion']
     print(f"Validation accuracy {acc:.3f}; Grad-CAM maps on the sign: {c[0]:.0%} before training, {c[-1]:.0%} after; "
@@ -238,7 +251,7 @@ def main(argv=None):
     return 0
 
 # %% ../nbs/13_cli.ipynb #ce7450c1
-from .replay import watch, RunStalled
+from .replay import watch, RunStalled, replay_methods
 
 # %% ../nbs/13_cli.ipynb #3f08dd34
 def add_watch_command(sub):
@@ -247,10 +260,11 @@ def add_watch_command(sub):
                        description="Follow the snapshot run RUN while another process writes it: draw the maps of each explained "
                                    "validation step into a GIF as it lands, until the run's end marker. Exit status 1 when no "
                                    "step lands within --timeout seconds and the run has no end marker (its writer died).")
-    w.add_argument('run', type=Path, metavar='RUN', help="a run folder, or a folder of runs (the newest is followed)")
+    w.add_argument('run', metavar='RUN', help="a run folder, or a folder of runs (the newest is followed); or their URL "
+                   "(s3://bucket/runs: credentials and endpoint as the backend takes them, e.g. AWS_* variables)")
     w.add_argument('--out', type=Path, default=Path('evolution.gif'), help='the GIF to write (default: evolution.gif)')
-    w.add_argument('--method', choices=('fullgrad', 'gradcam'), default='fullgrad', help='the maps (default: fullgrad)')
-    w.add_argument('--layer', default=None, help="Grad-CAM's layer: a saved layer's name or a regex (default: the model's "
+    w.add_argument('--method', choices=replay_methods(), default='fullgrad', help='the maps: FullGrad or a gradient-only CAM (default: fullgrad)')
+    w.add_argument('--layer', default=None, help="the CAM's layer: a saved layer's name or a regex (default: the model's "
                                                  "default Grad-CAM layer, saved by SnapshotCallback(include=None))")
     w.add_argument('--localising', action='store_true', help="FullGrad's localising variant, as FullGradCallback draws it: no "
                    "input term, the terms of layers of stride <= 4 (the reference at small image sizes points at bright colours)")
@@ -271,9 +285,12 @@ def run_watch(args) -> int:
     try: res = watch(args.run, args.out, method=args.method, layer=args.layer, n=args.n, timeout=args.timeout,
                      poll=args.poll, fps=args.fps, log=log, **kw)
     except RunStalled as e: print(f"fastai-saliency watch: stopped: {e}", file=sys.stderr, flush=True); return 1
-    except (ValueError, FileNotFoundError) as e: print(f"fastai-saliency watch: {e}", file=sys.stderr, flush=True); return 1
+    except (ValueError, OSError, ImportError) as e: print(f"fastai-saliency watch: {e}", file=sys.stderr, flush=True); return 1
     except KeyboardInterrupt: print("fastai-saliency watch: interrupted", file=sys.stderr, flush=True); return 130
     return 0 if res['frames'] else 1
+
+# %% ../nbs/13_cli.ipynb #9f4c2d18
+from .store import is_url
 
 # %% ../nbs/13_cli.ipynb #184fd5ef
 MONITOR_VIOLATIONS = 1   # the exit status of `fastai-saliency monitor` when it finds violations (0: none, 2: bad input)
@@ -281,10 +298,11 @@ MONITOR_VIOLATIONS = 1   # the exit status of `fastai-saliency monitor` when it 
 def run_monitor(capture, constraints, out=None, since='last') -> int:
     "`fastai-saliency monitor`: check `capture` against `constraints`, print the report and where it went; the exit status"
     matplotlib.use('Agg')
-    capture = Path(capture)
-    out = Path(out) if out is not None else (capture if capture.is_dir() else capture.parent)/'monitoring'
+    url = is_url(str(capture))
+    capture = str(capture) if url else Path(capture)
+    out = Path(out) if out is not None else Path('monitoring') if url else (capture if capture.is_dir() else capture.parent)/'monitoring'
     try: rep = check_capture(capture, constraints, out, since)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         print(f"fastai-saliency monitor: error: {e}", file=sys.stderr)
         return 2
     print(rep)

@@ -4,14 +4,24 @@
 
 # %% ../nbs/11_evaluate.ipynb #60694b93
 from __future__ import annotations
-import numpy as np
+import time
+import numpy as np, pandas as pd
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+import matplotlib.pyplot as plt
+from fastcore.basics import AttrDict, patch, store_attr
+from fastai.learner import Learner
+from fastai.callback.core import Callback
 from .data import read_boxes
-from .scoring import pointing_game
+from .scoring import pointing_game, deletion_auc, insertion_auc, randomisation_check, item_boxes
+from .learn_io import items_batch, default_probes, dls_norm, unwrap_model, in_main_fit, same_random_state
+from .targets import model_logits, resolve_target
+from .methods import get_method, method_names, saliency_maps
+from .plot import blend
 
 # %% auto #0
-__all__ = ['pointing_curve', 'plot_pointing_curve', 'valid_boxes']
+__all__ = ['COMPARE_METRICS', 'SLOW_METHODS', 'DEMO_METHOD_KWARGS', 'pointing_curve', 'plot_pointing_curve', 'valid_boxes',
+           'score_methods', 'MethodComparison', 'MethodComparisonCallback']
 
 # %% ../nbs/11_evaluate.ipynb #24871b99
 def pointing_curve(frames, # (F,N,H,W) maps of the same N probes at F moments of training
@@ -46,3 +56,136 @@ def valid_boxes(path, # A `synth_signs` folder (or its labels.csv)
     if bad := [i for i in idxs if not 0 <= i < len(df)]:
         raise IndexError(f"validation indices {bad} out of range: {str(path)!r} has {len(df)} validation items")
     return df.loc[idxs, cols].values.astype(float)
+
+# %% ../nbs/11_evaluate.ipynb #74fc1ca0
+COMPARE_METRICS = ('pointing', 'deletion', 'insertion', 'randomisation')
+SLOW_METHODS = ('scorecam', 'ablationcam')   # a forward pass per channel and image: left out of the default comparison
+def _default_methods() -> list: return [n for n in method_names() if n not in SLOW_METHODS]
+
+# %% ../nbs/11_evaluate.ipynb #f2ac40cd
+def score_methods(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
+                  methods=None, # Method names or functions (`methods.method_names()`); None: every registered method but `SLOW_METHODS`
+                  target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+                  boxes=None, # (B,4) boxes in input pixels, for 'pointing'
+                  metrics=COMPARE_METRICS, # Some of 'pointing', 'deletion', 'insertion', 'randomisation'
+                  layer=None, # The CAM family's layer (None: their default)
+                  n_steps:int=16, # Steps of the deletion and insertion curves
+                  method_kwargs:dict=None, # name -> the method's own options, e.g. {'integrated_gradients': dict(steps=16)}
+                 ) -> AttrDict:
+    "Each method's maps of `xb` and their scores: `table` (one row per method), `maps` (name -> (B,H,W)), `target`"
+    bad = [m for m in metrics if m not in COMPARE_METRICS]
+    if bad: raise ValueError(f"metrics must be some of {COMPARE_METRICS}, not {bad}")
+    if 'pointing' in metrics and boxes is None: raise ValueError("'pointing' needs the images' boxes: pass boxes= (B,4) in input pixels")
+    methods = _default_methods() if methods is None else list(methods)
+    t = resolve_target(target, model_logits(model, xb))
+    rows,maps = [],{}
+    for name in methods:
+        m,kw = get_method(name),dict((method_kwargs or {}).get(name, {}))
+        if m.layer and name != 'cam': kw['layer'] = layer
+        t0 = time.perf_counter()
+        mp = saliency_maps(model, xb, name, target=t, **kw).float()
+        row = dict(method=m.name, title=m.title, seconds=time.perf_counter() - t0)
+        if 'pointing' in metrics: row['pointing'] = pointing_game(mp.cpu(), boxes, img_size=tuple(xb.shape[-2:]))
+        if 'deletion' in metrics: row['deletion'] = deletion_auc(model, xb, mp, t, n_steps=n_steps).mean().item()
+        if 'insertion' in metrics: row['insertion'] = insertion_auc(model, xb, mp, t, n_steps=n_steps).mean().item()
+        if 'randomisation' in metrics:
+            r = randomisation_check(model, xb, name, target=t, layers=[''], **(kw if isinstance(name, str) else {}))   # every weight at once
+            row['randomisation'] = r.corr.double().mean().item()
+        rows.append(row); maps[m.name] = mp.cpu()
+    return AttrDict(table=pd.DataFrame(rows), maps=maps, target=t.cpu())
+
+# %% ../nbs/11_evaluate.ipynb #be709201
+class MethodComparison(AttrDict):
+    "What `Learner.compare_methods` returns: `table` (one row per method), `maps` (name -> (N,H,W)), `xb`, `stats`, `titles`"
+    def __repr__(self): return self.table.to_string(index=False, float_format='%.3f')
+    def _repr_html_(self): return self.table.to_html(index=False, float_format='%.3f')
+    def show(self, n:int=4, # Images per row
+             size:float=1.6, cmap='jet', alpha:float=0.5):
+        "The maps side by side: one row per method (its scores in the row's title), one column per image; returns the figure"
+        names,k = list(self.maps),min(n, len(self.xb))
+        fig,axs = plt.subplots(len(names), k, figsize=(size*k, (size + .3)*len(names)), squeeze=False, layout='constrained')
+        tab = self.table.set_index('method')
+        for r,name in enumerate(names):
+            row = tab.loc[name]
+            sc = ', '.join(f"{c[:3]} {row[c]:.2f}" for c in COMPARE_METRICS if c in tab.columns)
+            for c in range(k):
+                ax = axs[r, c]; ax.set_axis_off()
+                ax.imshow(blend(self.xb[c], self.maps[name][c], cmap, alpha, self.stats))
+                if c == 0: ax.set_title(f"{row.title}: {sc}", fontsize=7, loc='left')
+        return fig
+
+# %% ../nbs/11_evaluate.ipynb #294ad7ab
+DEMO_METHOD_KWARGS = dict(integrated_gradients=dict(steps=16), smoothgrad=dict(samples=8), occlusion=dict(window=16, stride=8))   # cheap settings for 64 px images
+
+# %% ../nbs/11_evaluate.ipynb #0262a98a
+def _probe_boxes(learn:Learner, idxs, size, boxes, metrics):
+    "The boxes for 'pointing': `boxes`, else those of the validation DataFrame (SynthSigns); None if 'pointing' is not asked for"
+    if 'pointing' not in metrics: return None
+    if boxes is None and idxs is not None:
+        with same_random_state(): boxes = item_boxes(learn.dls, idxs, size)
+    if boxes is None: raise ValueError("'pointing' needs the images' boxes: pass boxes= (N,4) in input pixels, or validation indices "
+                                       "of a DataFrame with x1, y1, x2, y2 columns (SynthSigns), or leave 'pointing' out of metrics")
+    return boxes
+
+# %% ../nbs/11_evaluate.ipynb #43b8b63a
+@patch
+def compare_methods(self:Learner, methods=None, # Method names or functions; None: every registered method but ScoreCAM and AblationCAM (`SLOW_METHODS`)
+                    items=None, # Validation indices, files, PIL images or a batch; None: `n` validation images spread over the classes
+                    n:int=8, # How many images when `items` is None
+                    metrics=COMPARE_METRICS, # Some of 'pointing', 'deletion', 'insertion', 'randomisation'
+                    target='label', # 'label' (the true class where known, else the predicted one), 'pred', or as `methods.saliency_maps`
+                    layer=None, # The CAM family's layer (None: their default)
+                    boxes=None, # (N,4) boxes in input pixels for 'pointing'; None: from the validation DataFrame (SynthSigns)
+                    n_steps:int=16, # Steps of the deletion and insertion curves
+                    method_kwargs:dict=None, # name -> the method's own options
+                   ) -> MethodComparison:
+    "Every method scored on this model and these validation images, in one table (`.table`) and one picture (`.show()`)"
+    with same_random_state():
+        items = default_probes(self.dls, n) if items is None else items
+        xb,ys = items_batch(self, items, n)
+    idxs = items if isinstance(items, list) and all(isinstance(i, int) for i in items) else None
+    t = None if target == 'pred' else ys if target == 'label' and ys is not None else None if target == 'label' else target
+    boxes = _probe_boxes(self, idxs, tuple(xb.shape[-2:]), boxes, metrics)
+    res = score_methods(unwrap_model(self.model), xb, methods, t, boxes, metrics, layer, n_steps, method_kwargs)
+    return MethodComparison(res, xb=xb.cpu(), stats=dls_norm(self.dls), items=idxs, boxes=boxes)
+
+# %% ../nbs/11_evaluate.ipynb #c4075ffa
+class MethodComparisonCallback(Callback):
+    "The methods' comparison table on fixed probes before training and after every epoch (or `every` training batches)"
+    order,run_valid = 96,False
+    def __init__(self, methods=None, # Method names or functions; None: every registered method but `SLOW_METHODS`
+                 items=None, n:int=8, # Probes: validation indices...; None: `n` validation images spread over the classes
+                 metrics=('pointing', 'deletion', 'insertion'), # Some of `COMPARE_METRICS` ('randomisation' costs a map per method more)
+                 every='epoch', # 'epoch', or an int: after every `every` training batches
+                 layer=None, target='label', boxes=None, n_steps:int=16, method_kwargs:dict=None):
+        if every != 'epoch' and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be 'epoch' or an int >= 1 (training batches), got {every!r}")
+        for m in (_default_methods() if methods is None else methods): get_method(m)     # unknown names fail here, not after an epoch
+        store_attr('methods,items,n,metrics,every,layer,target,boxes,n_steps,method_kwargs')
+        self.tables,self._seen = [],0
+    def before_fit(self):
+        self.run = in_main_fit(self.learn)
+        if self.run and not self.tables: self._record()
+    def after_batch(self):
+        self._seen += 1
+        if self.every != 'epoch' and self._seen % self.every == 0: self._record()
+    def after_epoch(self):
+        if self.every == 'epoch': self._record()
+    def _record(self):
+        with same_random_state():
+            r = self.learn.compare_methods(self.methods, self.items, self.n, self.metrics, self.target, self.layer, self.boxes,
+                                           self.n_steps, self.method_kwargs)
+        self.tables.append(r.table.assign(epoch=self._seen/max(1, len(self.dls.train)), iteration=self._seen))
+    @property
+    def table(self) -> pd.DataFrame:
+        "One row per method and moment: the metrics, `epoch` and `iteration`"
+        return pd.concat(self.tables, ignore_index=True) if self.tables else pd.DataFrame()
+    def plot(self, metrics=None):
+        "Each metric against the epoch, one line per method; returns the figure"
+        tab,ms = self.table,[m for m in (metrics or self.metrics) if m in self.table.columns]
+        fig,axs = plt.subplots(1, len(ms), figsize=(4*len(ms), 3), squeeze=False, layout='constrained')
+        for ax,m in zip(axs[0], ms):
+            for name,g in tab.groupby('method', sort=False): ax.plot(g.epoch, g[m], marker='o', ms=3, label=g.title.iloc[0])
+            ax.set_title(m); ax.set_xlabel('epoch'); ax.grid(alpha=.3)
+        axs[0, -1].legend(fontsize=6, loc='best')
+        return fig

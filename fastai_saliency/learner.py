@@ -78,6 +78,29 @@ def _outline(fig, learn, xb, titles, target):
     for t,m in zip(titles, masks):
         if t in axs and m.any() and not m.all(): axs[t].contour(m, levels=[.5], colors='white', linewidths=1)
 
+# %% ../nbs/08_learner.ipynb #a7a65fb6
+def _class_maps(learn:Learner, xb, method, layer, target, **kwargs) -> tuple:
+    "Maps (B,H,W) of `method` for the classes `target`, and the method's name for titles"
+    model = _model(learn)
+    m = methods.get_method(method)
+    at = m.layer and (method != 'cam' or layer is not None)      # the CAM family at a layer (CAM finds its own)
+    name = layer_name(model, layer) if at else layer
+    what = f"{m.title} at {name!r}" if at else m.title
+    return methods.saliency_maps(model, xb, method, name, target, **kwargs),what
+
+# %% ../nbs/08_learner.ipynb #09a81506
+@patch
+def saliency(self:Learner, method='gradcam', # A method's name (`methods.method_names()`) or a function `(model, xb, target) -> maps`
+             items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
+             layer=None, # The layer of the CAM family (None: their default); methods without a layer take none
+             target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+             n:int=4,
+             **kwargs, # The method's own options (`steps=`, `window=`, `output=`...)
+            ) -> Tensor:
+    "Maps (B,H,W) in [0,1] of `method` for `items`"
+    xb,_ = items_batch(self, items, n)
+    return methods.saliency_maps(_model(self), xb, method, layer, target, **kwargs)
+
 # %% ../nbs/08_learner.ipynb #65bb1ebe
 def _show(learn, xb, maps, titles, what, cmap, alpha, ncols, target=None, **kwargs):
     fig = show_maps(xb, maps, titles=titles, stats=dls_norm(learn.dls), cmap=cmap, alpha=alpha, ncols=ncols, **kwargs)
@@ -130,6 +153,21 @@ def show_fullgrad(self:Learner, items=None, # None (the first `n` validation ima
     titles,t = _titles(self, xb, ys, target, output)
     maps = fullgrad_maps(_model(self), xb, target=t, output=output)
     return _show(self, xb, maps, titles, "FullGrad", cmap, alpha, ncols, target=t, **kwargs)
+
+# %% ../nbs/08_learner.ipynb #1af1d25c
+@patch
+def show_saliency(self:Learner, method='gradcam', # A method's name (`methods.method_names()`) or a function `(model, xb, target) -> maps`
+                  items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
+                  layer=None, # The layer of the CAM family (None: their default); methods without a layer take none
+                  target=None, # None (predicted class), an int, one int per image, or a callable on the logits
+                  n:int=4, cmap='jet', alpha:float=0.5, ncols:int=2,
+                  method_kwargs:dict=None, # The method's own options (`steps=`, `window=`...)
+                  **kwargs): # Passed on to `show_maps`
+    "The maps of `method` for `items` overlaid on the images, titled with the predicted class; returns the figure"
+    xb,ys = items_batch(self, items, n)
+    titles,t = _titles(self, xb, ys, target, (method_kwargs or {}).get('output'))
+    maps,what = _class_maps(self, xb, method, layer, t, **(method_kwargs or {}))
+    return _show(self, xb, maps, titles, what, cmap, alpha, ncols, **kwargs)
 
 # %% ../nbs/08_learner.ipynb #871cc570
 _LAYER_METHODS = dict(gradcam='Grad-CAM', activation='Mean activation')   # the names `method` takes and figure titles
@@ -216,14 +254,6 @@ def _interp_batch(interp, idxs) -> tuple:
     if len(b) < 2 or b[1].dim() != 1: raise ValueError("heatmaps need single-label classification: one class per item")
     return b[0],b[1].as_subclass(Tensor).long()
 
-# %% ../nbs/08_learner.ipynb #a7a65fb6
-def _class_maps(learn:Learner, xb, method, layer, target) -> tuple:
-    "Maps (B,H,W) of `method` for the classes `target`, and the method's name for titles"
-    model = _model(learn)
-    name = layer_name(model, layer) if method == 'gradcam' else layer
-    what = f"Grad-CAM at {name!r}" if method == 'gradcam' else methods.METHOD_TITLES.get(method, getattr(method, '__name__', 'saliency'))
-    return methods.saliency_maps(model, xb, method, name, target),what
-
 # %% ../nbs/08_learner.ipynb #58598886
 def _pred_true_maps(interp, idxs, method, layer) -> AttrDict:
     "For items `idxs` of `interp.dl`: batch, probabilities, predicted and true classes, the maps of both, the method's name"
@@ -247,8 +277,8 @@ def _pair_panels(r, vocab, first_titles) -> tuple:
 
 # %% ../nbs/08_learner.ipynb #1dc90058
 def _heatmap_top_losses(interp, k, largest:bool=True,
-                        method='gradcam', # 'gradcam', 'fullgrad', 'cam' or a function `(model, xb, target) -> maps`
-                        layer=None, # The layer of 'gradcam' and 'cam'; None: the last conv block
+                        method='gradcam', # A method's name (`methods.method_names()`) or a function `(model, xb, target) -> maps`
+                        layer=None, # The layer of the CAM family; None: the last conv block
                         ncols:int=2, # Images per row
                         cmap='jet', alpha:float=0.5,
                         size:float=2.0, # Size of one panel in inches
@@ -374,8 +404,8 @@ SegmentationInterpretation.plot_top_losses.fastai_original = _fastai_seg_plot_to
 def plot_confused_heatmaps(self:ClassificationInterpretation, n_pairs:int=3, # How many of the most confused pairs
                            n_images:int=2, # Images per pair, highest loss first
                            min_val:int=1, # Pairs confused at least this often (as `most_confused`)
-                           method='gradcam', # 'gradcam', 'fullgrad', 'cam' or a function `(model, xb, target) -> maps`
-                           layer=None, # The layer of 'gradcam' and 'cam'; None: the last conv block
+                           method='gradcam', # A method's name (`methods.method_names()`) or a function `(model, xb, target) -> maps`
+                           layer=None, # The layer of the CAM family; None: the last conv block
                            cmap='jet', alpha:float=0.5, size:float=1.8):
     "A row per most confused (actual, predicted) pair: its images with the maps of both classes; returns the figure"
     pairs = self.most_confused(min_val)[:n_pairs]

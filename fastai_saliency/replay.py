@@ -17,7 +17,7 @@ from .fullgrad import FullGradMap, grad_times_input
 from .targets import Target, prediction_titles
 
 # %% auto #0
-__all__ = ['RunStalled', 'writer_alive', 'follow', 'watch']
+__all__ = ['replay_methods', 'RunStalled', 'writer_alive', 'follow', 'watch']
 
 # %% ../nbs/09_replay.ipynb #7b90e120
 @patch
@@ -109,6 +109,32 @@ def _saved_layer(trial:Trial, layer, ex:dict) -> str:
     return name
 
 # %% ../nbs/09_replay.ipynb #38f27920
+def _replay_cam(trial:Trial, method:str, layer=None, # A saved layer (name or regex); None: the model's default Grad-CAM layer
+            step:int=None, # An explained step; None: the last one
+            mode:str='valid', # Its mode
+            target=None, # None: the classes the step explains; else they must be the same
+            relu:bool=True, # As in `methods.gradcam`
+            reshape=None, # As in `methods.gradcam`; None: the layout found when the step was saved
+            items=None, # Which images of the batch (indices or a slice); None: all
+           ) -> Tensor:
+    "Maps (B,H,W) in [0,1] of the gradient-only CAM `method` of a stored step at a saved layer, from the store alone: `methods.cam_map`'s code"
+    m = methods.get_method(method)
+    what = m.title
+    step,ex = _explained(trial, step, mode, what)
+    name = _saved_layer(trial, layer, ex)
+    ts = _read(trial, step, mode, [f'{name}.output', f'{name}.output_grad'], f"{what} at {name!r}",
+               {f'{name}.output': "SnapshotCallback without a hook= that keeps less than the whole output",
+                f'{name}.output_grad': "SnapshotCallback(grads=True)"})
+    acts,grads = ts[f'{name}.output'],ts[f'{name}.output_grad']
+    _check_target(trial, step, mode, target, len(grads))
+    if reshape is not None: lay = reshape_layout(reshape, grads.shape, repr(name))
+    else:
+        d = ex['layouts'].get(name, {})
+        if 'error' in d: raise ValueError(f"{d['error']} (found when {mode} step {step} was saved)")
+        lay = FeatureLayout(d['fmt'], d['prefix'], d['grid'], why='stored')
+    return methods.scale_maps(m.replay(_pick(acts, items), _pick(grads, items), lay, relu), ex['input_size'])
+
+# %% ../nbs/09_replay.ipynb #2c6c1916
 @patch
 def gradcam(self:Trial, layer=None, # A saved layer (name or regex); None: the model's default Grad-CAM layer
             step:int=None, # An explained step; None: the last one
@@ -119,34 +145,32 @@ def gradcam(self:Trial, layer=None, # A saved layer (name or regex); None: the m
             items=None, # Which images of the batch (indices or a slice); None: all
            ) -> Tensor:
     "Grad-CAM maps (B,H,W) in [0,1] of a stored step at a saved layer, from the store alone: `methods.gradcam`'s code"
-    step,ex = _explained(self, step, mode, 'Grad-CAM')
-    name = _saved_layer(self, layer, ex)
-    ts = _read(self, step, mode, [f'{name}.output', f'{name}.output_grad'], f"Grad-CAM at {name!r}",
-               {f'{name}.output': "SnapshotCallback without a hook= that keeps less than the whole output",
-                f'{name}.output_grad': "SnapshotCallback(grads=True)"})
-    acts,grads = ts[f'{name}.output'],ts[f'{name}.output_grad']
-    _check_target(self, step, mode, target, len(grads))
-    if reshape is not None: lay = reshape_layout(reshape, grads.shape, repr(name))
-    else:
-        d = ex['layouts'].get(name, {})
-        if 'error' in d: raise ValueError(f"{d['error']} (found when {mode} step {step} was saved)")
-        lay = FeatureLayout(d['fmt'], d['prefix'], d['grid'], why='stored')
-    return methods.scale_maps(methods.gradcam_map(_pick(acts, items), _pick(grads, items), lay, relu), ex['input_size'])
+    return _replay_cam(self, 'gradcam', layer, step, mode, target, relu, reshape, items)
 
 # %% ../nbs/09_replay.ipynb #2f834664
-_METHODS = ('fullgrad', 'gradcam')
+def replay_methods() -> list:
+    "The methods a `Trial` draws from its stored steps alone: FullGrad and the gradient-only CAMs"
+    return ['fullgrad'] + [n for n in methods.method_names() if methods.get_method(n).replay is not None]
+
+def _check_replay(method):
+    "The error for a method a `Trial` cannot draw without the model"
+    m = methods.get_method(method)                  # an unknown name: the error that lists every method
+    if method == 'fullgrad' or m.replay is not None: return m
+    raise ValueError(f"{m.title} needs the model ({m.needs.passes or 'it is not a map of stored layer outputs and gradients'}): "
+                     f"a Trial draws {', '.join(map(repr, replay_methods()))} from its stored steps; run {method!r} on the model "
+                     f"with `methods.saliency_maps`, or during training with `SaliencyCallback(method={method!r})`")
 
 @patch
-def maps(self:Trial, method:str='fullgrad', # 'fullgrad' or 'gradcam'
-         layer=None, # Grad-CAM's layer (see `Trial.gradcam`)
+def maps(self:Trial, method:str='fullgrad', # 'fullgrad' or a gradient-only CAM ('gradcam', 'hirescam', 'gradcam++', 'xgradcam', 'layercam', 'eigencam', 'eigengradcam')
+         layer=None, # The CAM's layer (see `Trial.gradcam`)
          step:int=None, mode:str='valid', items=None,
-         **kwargs) -> Tensor: # Passed on to `Trial.fullgrad` or `Trial.gradcam`
+         **kwargs) -> Tensor: # Passed on to `Trial.fullgrad` or the CAM (`relu=`, `reshape=`, `target=`)
     "Maps (B,H,W) of `method` at a stored step"
-    if method not in _METHODS: raise ValueError(f"method must be one of {_METHODS}, not {method!r}")
+    _check_replay(method)
     if method == 'fullgrad':
         if layer is not None: raise ValueError("FullGrad uses every layer: layer must be None")
         return self.fullgrad(step, mode, items=items, **kwargs)
-    return self.gradcam(layer, step, mode, items=items, **kwargs)
+    return _replay_cam(self, method, layer, step, mode, items=items, **kwargs)
 
 # %% ../nbs/09_replay.ipynb #8ae9ae2c
 @patch
@@ -186,7 +210,7 @@ def _frame(trial:Trial, step:int, mode:str, method:str, layer, items, **kwargs) 
     "`(maps, titles, frame title)` of one stored step"
     maps = trial.maps(method, layer, step, mode, items=items, **kwargs)
     info = trial.step_info(step, mode)
-    what = 'FullGrad' if method == 'fullgrad' else f"Grad-CAM at {_saved_layer(trial, layer, info['meta']['explained'])!r}"
+    what = 'FullGrad' if method == 'fullgrad' else f"{methods.get_method(method).title} at {_saved_layer(trial, layer, info['meta']['explained'])!r}"
     return maps, _titles(trial, step, mode, items), f"{what}, epoch {info['epoch']} ({mode} step {step})"
 
 def _stats(trial:Trial):
@@ -201,7 +225,7 @@ def _items(trial:Trial, step:int, mode:str, items, n:int) -> list:
 
 # %% ../nbs/09_replay.ipynb #f7d52766
 @patch
-def animate(self:Trial, method:str='fullgrad', # 'fullgrad' or 'gradcam'
+def animate(self:Trial, method:str='fullgrad', # 'fullgrad' or a gradient-only CAM (`replay_methods()`)
             layer=None, # Grad-CAM's layer (see `Trial.gradcam`)
             mode:str='valid', # The mode of the steps
             steps=None, # The steps, one frame each; None: every explained step of `mode`
@@ -245,12 +269,12 @@ def _n_steps(trial:Trial) -> int: return sum(len(trial.steps(m)) for m in trial.
 
 def follow(trial:Trial, mode:str='valid', # The mode whose steps to yield
            timeout:float=300., # Seconds without a new step of any mode (and no end marker) before `RunStalled`
-           poll:float=0.2, # Seconds between looks at the index
+           poll:float=0.2, # Seconds between looks at the index (a local file, or a request to an object store)
           ):
     "Yield the steps of `mode` as they land, in order, until the run's end marker; `RunStalled` when its writer died"
     seen,last,n = set(),time.monotonic(),-1
     while True:
-        done = trial.end is not None             # the end marker was seen by an earlier read: this read lists every step
+        done = trial.refresh().end is not None   # the end marker is read before the index: once seen, the index read lists every step
         new = [s for s in trial.steps(mode) if s not in seen]
         for s in new: seen.add(s); yield s       # (the caller's own reads may see the end marker meanwhile)
         if done: return
@@ -266,18 +290,22 @@ def follow(trial:Trial, mode:str='valid', # The mode whose steps to yield
                              f"hangs; {len(seen)} {mode} steps were read")
         time.sleep(poll)
 
+# %% ../nbs/09_replay.ipynb #5e0c7a2d
+from .store import NoSuchBucket
+
 # %% ../nbs/09_replay.ipynb #d4ad6447
-def _wait_for_run(path, timeout:float, poll:float, log) -> Trial:
-    "A `Trial` on the newest run under `path`, waiting up to `timeout` s for one to appear"
+def _wait_for_run(path, timeout:float, poll:float, log, storage_options:dict=None) -> Trial:
+    "A `Trial` on the newest run under `path`, waiting up to `timeout` s for one to appear (not for a bucket: that is an error at once)"
     t0,said = time.monotonic(),False
     while True:
-        try: return Trial(path)
+        try: return Trial(path, storage_options=storage_options)
+        except NoSuchBucket: raise
         except FileNotFoundError as e:
             if time.monotonic() - t0 > timeout: raise RunStalled(f"no snapshot run appeared within {timeout:g} s: {e}") from None
             if not said: log(f"Waiting for a snapshot run in {str(path)!r}"); said = True
             time.sleep(poll)
 
-def watch(path, # A run folder, or a folder of runs (the newest is followed)
+def watch(path, # A run, or a folder of runs (the newest is followed): a local path or an fsspec URL (`s3://bucket/runs`)
           out='evolution.gif', # The GIF, written again (atomically) as each frame is added
           method:str='fullgrad', layer=None, # What to draw (see `Trial.maps`)
           mode:str='valid', # The mode of the steps to draw
@@ -285,10 +313,11 @@ def watch(path, # A run folder, or a folder of runs (the newest is followed)
           timeout:float=300., # Seconds without a new step (and no end marker) before giving up with `RunStalled`
           poll:float=0.2, fps:float=2, dpi:int=80, size:float=2.0,
           log=print, # Called with a line of progress
+          storage_options:dict=None, # Passed to fsspec for a URL (default: the backend's own configuration)
           **kwargs) -> dict: # Passed on to `Trial.fullgrad` or `Trial.gradcam`
     "Follow a run while it is written: a frame per explained step as it lands, into the GIF `out`, until the run ends"
-    if method not in _METHODS: raise ValueError(f"method must be one of {_METHODS}, not {method!r}")
-    trial,out = _wait_for_run(path, timeout, poll, log),Path(out)
+    _check_replay(method)
+    trial,out = _wait_for_run(path, timeout, poll, log, storage_options),Path(out)
     log(f"Following {str(trial.path)!r}: {method}{f' at {layer!r}' if layer else ''} of each explained {mode} step, into {str(out)!r}")
     fd,frames,lat,idx = None,[],[],None
     try:

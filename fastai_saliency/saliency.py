@@ -17,41 +17,41 @@ from matplotlib import animation
 __all__ = ['SaliencyCallback', 'FullGradCallback', 'GradCAMCallback']
 
 # %% ../nbs/07_saliency.ipynb #e997bc4c
-_SALIENCY_METHODS = tuple(methods.METHOD_TITLES)
-
 def _fmt_epoch(e:float) -> str: return f"{e:.0f}" if abs(e - round(e)) < 1e-6 else f"{e:.2f}"
 
 # %% ../nbs/07_saliency.ipynb #88acb8dc
 class SaliencyCallback(Callback):
     "Saliency maps of fixed probe images before training, then every epoch or every `every` training batches"
     order,run_valid = 95,False
-    _stateattrs = ('writer', 'probe_xb', '_tb', '_maps', '_logits', '_targets')   # not in `learn.export()`: the frames' numbers stay
-    def _init_state(self): self.probe_xb = self.writer = self._tb = None; self._maps,self._logits,self._targets = [],[],[]
-    def __init__(self, method='fullgrad', # 'fullgrad', 'gradcam', 'cam', or a function `(model, xb, target) -> maps (B,H,W)`
+    _stateattrs = ('writer', 'probe_xb', '_tb', '_maps', '_logits', '_targets', 'storage_options')   # not in `learn.export()` (nor credentials): the frames' numbers stay
+    def _init_state(self): self.probe_xb = self.writer = self._tb = self.storage_options = None; self._maps,self._logits,self._targets = [],[],[]
+    def __init__(self, method='fullgrad', # A method's name (`methods.method_names()`: 'fullgrad', 'gradcam', 'layercam', 'integrated_gradients'...), or a function `(model, xb, target) -> maps (B,H,W)`
                  items=None, # Probes: validation indices, files, PIL images or a batch; None: `n` validation items spread over the classes
                  n:int=8, # How many probes when `items` is None
                  every='epoch', # 'epoch': a frame after each epoch; an int: after every `every` training batches
                  layer=None, # The layer of 'gradcam' and 'cam' (see `find_layer`); None: the last conv block
                  target='label', # 'label' (the true class where known, else the predicted one; other tasks: see `_setup_task`), 'pred', an int, a class name, one per probe, a callable
-                 store=None, # A folder of runs: each fit also writes its frames to a new run there (mode 'predict')
+                 store=None, # A folder of runs, or its URL (`s3://bucket/runs`): each fit also writes its frames to a new run there (mode 'predict')
                  metrics=None, # Scores of every frame: 'pointing', 'deletion', 'insertion', or functions (model, xb, maps, target) -> (B,)
                  boxes=None, # The probes' boxes (N,4) in input pixels, for 'pointing'; None: from the validation DataFrame (SynthSigns)
                  metric_steps:int=16, # Steps of each deletion and insertion curve
                  max_frames:int|None=64, # Frames kept in memory: past it, every other older frame is dropped (`store=` keeps them all); None: all
                  log_dir=None, # A TensorBoard log folder for the frames and scores; None: the writer of an attached `TensorBoardCallback`, if any
+                 storage_options:dict=None, # Passed to fsspec where `store` is a URL (default: the backend's own configuration)
                  **kwargs): # Passed on to the method, e.g. `input_term=False` for FullGrad
-        if not (callable(method) or method in _SALIENCY_METHODS):
-            raise ValueError(f"method must be one of {_SALIENCY_METHODS} or a function (model, xb, target) -> maps; got {method!r}")
+        m = methods.get_method(method)           # an unknown name: the error that lists the registered ones
         if every != 'epoch' and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"every must be 'epoch' or an int >= 1 (training batches), got {every!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n must be an int >= 1, got {n!r}")
         if isinstance(target, str) and target not in ('label', 'pred'):
             raise ValueError(f"target must be 'label', 'pred', None, an int or one int per probe; got {target!r}")
         if method == 'fullgrad' and layer is not None: raise ValueError("FullGrad uses every layer: layer must be None")
+        if m.layer is False and layer is not None: raise ValueError(f"{m.title} takes no layer: layer must be None, not {layer!r}")
         if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 2):
             raise ValueError(f"max_frames must be an int >= 2 or None, got {max_frames!r}")
         self.frame_metrics = _frame_metrics(metrics, metric_steps)
         store_attr('method,items,n,every,layer,target,store,boxes,metric_steps,max_frames,log_dir,kwargs')
+        self.storage_options = storage_options   # not through store_attr: credentials stay out of `learn.export()`
         self.probe_xb = self.writer = self._tb = None
         self.reset()
 
@@ -67,7 +67,7 @@ class SaliencyCallback(Callback):
 
     @property
     def method_name(self) -> str:
-        return methods.METHOD_TITLES.get(self.method, getattr(self.method, '__name__', 'saliency'))
+        return methods.get_method(self.method).title
 
     def _setup_probes(self):
         "The probe batch, its labels (or None) and the Normalize of the data, built once without touching the random state"
@@ -79,7 +79,7 @@ class SaliencyCallback(Callback):
         self.norm = dls_norm(self.dls)
         self.vocab = data_vocab(self.dls)
         self._setup_task()
-        if self.method == 'gradcam' or (self.method == 'cam' and self.layer is not None):
+        if methods.get_method(self.method).layer and (self.method != 'cam' or self.layer is not None):
             self.layer = layer_name(self.model, self.layer)   # a name, also for a module or regex
         self._setup_scores()
 
@@ -91,7 +91,7 @@ class SaliencyCallback(Callback):
         if self.probe_xb is None: self._setup_probes()
         self.n_batches = max(1, len(self.dls.train))   # for the epoch of a frame: iteration / batches per epoch
         if self.store is not None:
-            self.writer = SnapshotWriter(self.store, meta=dict(
+            self.writer = SnapshotWriter(self.store, storage_options=self.storage_options, meta=dict(
                 writer='SaliencyCallback', method=self.method_name, layer=self.layer, every=self.every,
                 items=self.item_idxs, vocab=None if self.vocab is None else [str(v) for v in self.vocab]))
             self._first_step = True

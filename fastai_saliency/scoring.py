@@ -5,6 +5,7 @@
 # %% ../nbs/06a_scoring.ipynb #16062b9f
 from __future__ import annotations
 import copy, math
+from functools import partial
 import numpy as np
 import pandas as pd
 import torch
@@ -13,7 +14,7 @@ from torch import nn, Tensor
 from fastcore.basics import AttrDict
 from fastai.vision.core import imagenet_stats
 from .hooks import eval_mode, find_layer, model_device
-from .methods import scale_maps
+from .methods import scale_maps, saliency_maps
 from .plot import to_image
 from .layers import depth_layers
 from .targets import prep_batch, resolve_target, fixed_target, target_rows, target_probability, output_task
@@ -328,15 +329,17 @@ def _clear_hooks(model:nn.Module):
 
 # %% ../nbs/06a_scoring.ipynb #677bce72
 def randomisation_check(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
-                        method, # `method(model, xb, target=...)` -> (B,H,W) maps, e.g. `partial(gradcam, layer='0.5')`
+                        method, # A method's name (`methods.method_names()`), or `method(model, xb, target=...)` -> (B,H,W) maps, e.g. `partial(gradcam, layer='0.5')`
                         target=None, # None (the original model's prediction), an int, one int per image, or a callable
                         layers=None, # See `randomisation_units`: None = conv blocks and head Linears
                         seed:int=0, # Step `i` runs under `torch.manual_seed(seed + i)`; the global RNG is restored
                         reinit=None, # `reinit(name, module, step, seed)` for one module; None: reset_parameters
                         keep:int=4, # Keep the maps of the first `keep` images at each step, for plots
                         keep_hooks:bool=False, # Keep the copy's hooks (models whose forward needs them)
+                        **kwargs, # Passed on to a method given by name (`layer=`, `steps=`...)
                        ) -> RandomisationResult:
     "Cascading randomisation from the logits down, on a deep copy: Spearman correlation of each step's map with the first"
+    if isinstance(method, str): method = partial(saliency_maps, method=method, **kwargs)
     x = prep_batch(model, xb)
     rm = copy.deepcopy(model).eval()      # the original is never called, changed or put in another mode
     if not keep_hooks: _clear_hooks(rm)

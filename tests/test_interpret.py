@@ -63,5 +63,5 @@ def test_confused_pairs(interp):
     assert len(fig.axes) == 12
     for row,(a,p,_) in enumerate(pairs): assert fig.axes[6*row].get_title().startswith(f"{a} -> {p}\n")
     with pytest.raises(ValueError, match='no two classes are confused 1000 times'): interp.plot_confused_heatmaps(min_val=1000)
-    with pytest.raises(ValueError, match="method must be one of 'gradcam', 'cam', 'fullgrad'"): interp.plot_top_losses(2, heatmap=True, method='grad')
+    with pytest.raises(ValueError, match="method must be one of 'gradcam', 'cam', 'hirescam'"): interp.plot_top_losses(2, heatmap=True, method='grad')
     plt.close('all')

@@ -5,7 +5,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1]/'fastai_saliency'
 # Top to bottom: a module may import from the ones before it in this list.
-LAYERS = ['test_utils', 'hooks', 'store', 'data', 'learn_io', 'layers', 'targets', 'methods', 'fullgrad', 'plot', 'snapshot', 'scoring', 'saliency', 'learner', 'replay', 'capture',
+LAYERS = ['test_utils', 'hooks', 'store', 'data', 'learn_io', 'layers', 'targets', 'methods', 'fullgrad', 'attributions', 'plot', 'snapshot', 'scoring', 'saliency', 'learner', 'replay', 'capture',
           'monitor', 'evaluate', 'adversarial', 'cli']
 MODULES = sorted(p.stem for p in PKG.glob('*.py') if not p.stem.startswith('_') and p.stem != 'all')
 
