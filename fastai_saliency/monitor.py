@@ -218,67 +218,6 @@ class PredictionMonitor(Callback):
     @property
     def _vocab(self): return self.vocab if self.vocab is not None else self._dls_vocab
 
-    def update(self, probs, # (N, C) probabilities (or raw outputs with `from_logits`): a tensor, array or nested lists
-               ids=None, # N item ids for the capture (request ids, file names); default: a running count
-               from_logits:bool=None, # Override the monitor's `from_logits` for this call
-              ):
-        "Count one batch of predictions (and capture a sample of them)"
-        p = _as_probs(probs, self.from_logits if from_logits is None else from_logits, self.tol, self._n_cls)
-        N,C = p.shape
-        if ids is not None:
-            ids = ids.tolist() if isinstance(ids, (Tensor, np.ndarray)) else list(ids)
-            if len(ids) != N: raise ValueError(f"{len(ids)} ids for {N} predictions: give one id per row of probs")
-        with self._lock:
-            if self._n_cls is None:
-                if self.vocab is not None and len(self.vocab) != C:
-                    raise ValueError(f"vocab has {len(self.vocab)} names but probs have {C} columns (classes)")
-                if self._dls_vocab is not None and len(self._dls_vocab) != C: self._dls_vocab = None
-                if self.constraints is not None and self.constraints.n_classes != C:
-                    raise ValueError(f"probs have {C} columns (classes) but the constraints were made for {self.constraints.n_classes}")
-                self._n_cls,self._counts = C,np.zeros(C, np.int64)
-            elif C != self._n_cls: raise ValueError(f"probs have {C} columns (classes) but earlier updates had {self._n_cls}")
-            top,pred = p.max(1)
-            self._counts += np.bincount(pred.numpy(), minlength=C)
-            # all of the top-k probabilities under min_confidence <=> the top one is under it
-            self._n_low += int((top < self.min_confidence).sum())
-            self._confs.append(top.numpy())                     # the window's confidences, for the constraints' quantiles
-            self._total += N
-            first,self._n_seen = self._n_seen,self._n_seen + N
-            if self._files is not None and N: self._capture(p, ids, first)
-
-    def _capture(self, p, ids, first):
-        "Append a `sample` share of the rows of `p` to the capture files"
-        N,C = p.shape
-        keep = np.arange(N) if self.sample >= 1 else np.flatnonzero(self._rng.random(N) < self.sample)
-        if not len(keep): return
-        vals,idx = p[torch.from_numpy(keep)].topk(min(self.topk, C), dim=1)
-        now,vocab = datetime.now(timezone.utc).isoformat(timespec='milliseconds'),self._vocab
-        lines = []
-        for j,i in enumerate(keep.tolist()):
-            rec = dict(id=json_id(ids[i]) if ids is not None else first + i, time=now, topk=idx[j].tolist(),
-                       probs=[round(v, 6) for v in vals[j].tolist()])
-            if vocab is not None: rec['names'] = [str(vocab[c]) for c in rec['topk']]
-            lines.append((json.dumps(rec, separators=(',', ':')) + '\n').encode())
-        self._files.write(lines)
-
-    def report(self, warn:bool=False, # Also warn (`MonitorWarning`) when a rule is violated
-              ) -> MonitorReport:
-        "The counts so far and the violated rules: 'overpredicted' classes, too many 'low_confidence' predictions, the `constraints`"
-        with self._lock:
-            counts = np.zeros(0, np.int64) if self._counts is None else self._counts.copy()
-            total,n_low = self._total,self._n_low
-            confs = np.concatenate(self._confs) if self._confs else np.zeros(0, np.float32)
-        vocab = self._vocab
-        vs = _rule_violations(counts, n_low, self.threshold, self.min_confidence, self.max_low_confidence, self.topk, vocab)
-        extra = dict(low_confidence=n_low/total if total else 0.)
-        if self.constraints is not None:
-            cvs,stats = self.constraints.check(counts, confs, vocab)
-            vs,extra = vs + cvs,{**extra, **stats}
-        rep = MonitorReport('PredictionMonitor', {i: int(n) for i,n in enumerate(counts)}, total, vs, vocab,
-                            threshold=self.threshold, **extra)
-        if warn and vs: _warn_violations('PredictionMonitor', vs, total, 'predictions')
-        return rep
-
     # As a fastai callback: each validation pass / get_preds call is a window
     def before_validate(self):
         if self.reset_each_pass: self.reset()
@@ -304,6 +243,72 @@ class PredictionMonitor(Callback):
     def __getstate__(self): return {k:v for k,v in self.__dict__.items() if k != '_lock'}
     def __setstate__(self, d):
         self.__dict__.update({'constraints': None, '_confs': [], **d}); self._lock = threading.Lock()
+
+# %% ../nbs/10_monitor.ipynb #fc2315f2
+@patch
+def update(self:PredictionMonitor, probs, # (N, C) probabilities (or raw outputs with `from_logits`): a tensor, array or nested lists
+           ids=None, # N item ids for the capture (request ids, file names); default: a running count
+           from_logits:bool=None, # Override the monitor's `from_logits` for this call
+          ):
+    "Count one batch of predictions (and capture a sample of them)"
+    p = _as_probs(probs, self.from_logits if from_logits is None else from_logits, self.tol, self._n_cls)
+    N,C = p.shape
+    if ids is not None:
+        ids = ids.tolist() if isinstance(ids, (Tensor, np.ndarray)) else list(ids)
+        if len(ids) != N: raise ValueError(f"{len(ids)} ids for {N} predictions: give one id per row of probs")
+    with self._lock:
+        if self._n_cls is None:
+            if self.vocab is not None and len(self.vocab) != C:
+                raise ValueError(f"vocab has {len(self.vocab)} names but probs have {C} columns (classes)")
+            if self._dls_vocab is not None and len(self._dls_vocab) != C: self._dls_vocab = None
+            if self.constraints is not None and self.constraints.n_classes != C:
+                raise ValueError(f"probs have {C} columns (classes) but the constraints were made for {self.constraints.n_classes}")
+            self._n_cls,self._counts = C,np.zeros(C, np.int64)
+        elif C != self._n_cls: raise ValueError(f"probs have {C} columns (classes) but earlier updates had {self._n_cls}")
+        top,pred = p.max(1)
+        self._counts += np.bincount(pred.numpy(), minlength=C)
+        # all of the top-k probabilities under min_confidence <=> the top one is under it
+        self._n_low += int((top < self.min_confidence).sum())
+        self._confs.append(top.numpy())                     # the window's confidences, for the constraints' quantiles
+        self._total += N
+        first,self._n_seen = self._n_seen,self._n_seen + N
+        if self._files is not None and N: self._capture(p, ids, first)
+
+@patch
+def _capture(self:PredictionMonitor, p, ids, first):
+    "Append a `sample` share of the rows of `p` to the capture files"
+    N,C = p.shape
+    keep = np.arange(N) if self.sample >= 1 else np.flatnonzero(self._rng.random(N) < self.sample)
+    if not len(keep): return
+    vals,idx = p[torch.from_numpy(keep)].topk(min(self.topk, C), dim=1)
+    now,vocab = datetime.now(timezone.utc).isoformat(timespec='milliseconds'),self._vocab
+    lines = []
+    for j,i in enumerate(keep.tolist()):
+        rec = dict(id=json_id(ids[i]) if ids is not None else first + i, time=now, topk=idx[j].tolist(),
+                   probs=[round(v, 6) for v in vals[j].tolist()])
+        if vocab is not None: rec['names'] = [str(vocab[c]) for c in rec['topk']]
+        lines.append((json.dumps(rec, separators=(',', ':')) + '\n').encode())
+    self._files.write(lines)
+
+# %% ../nbs/10_monitor.ipynb #96d590c2
+@patch
+def report(self:PredictionMonitor, warn:bool=False, # Also warn (`MonitorWarning`) when a rule is violated
+          ) -> MonitorReport:
+    "The counts so far and the violated rules: 'overpredicted' classes, too many 'low_confidence' predictions, the `constraints`"
+    with self._lock:
+        counts = np.zeros(0, np.int64) if self._counts is None else self._counts.copy()
+        total,n_low = self._total,self._n_low
+        confs = np.concatenate(self._confs) if self._confs else np.zeros(0, np.float32)
+    vocab = self._vocab
+    vs = _rule_violations(counts, n_low, self.threshold, self.min_confidence, self.max_low_confidence, self.topk, vocab)
+    extra = dict(low_confidence=n_low/total if total else 0.)
+    if self.constraints is not None:
+        cvs,stats = self.constraints.check(counts, confs, vocab)
+        vs,extra = vs + cvs,{**extra, **stats}
+    rep = MonitorReport('PredictionMonitor', {i: int(n) for i,n in enumerate(counts)}, total, vs, vocab,
+                        threshold=self.threshold, **extra)
+    if warn and vs: _warn_violations('PredictionMonitor', vs, total, 'predictions')
+    return rep
 
 # %% ../nbs/10_monitor.ipynb #1912fb1b
 def _qkey(q) -> str: return f"{float(q):g}"
@@ -392,107 +397,113 @@ class Constraints:
             if len(vocab) != C: raise ValueError(f"{where}: vocab has {len(vocab)} names for {C} classes")
         self.vocab,self.margins,self.n_classes = vocab,dict(margins or {}),C
 
-    @classmethod
-    def from_probs(cls, probs, # Baseline predictions (N, C): probabilities, or raw outputs with `from_logits`
-                   vocab=None, # Class names
-                   share_margin:float=0.1, # A class may take up to this share of a window above its baseline share
-                   confidence_margin:float=0.1, # The confidence's mean and quantiles may fall this far under the baseline's
-                   quantiles=(0.1, 0.25, 0.5), # Quantiles of the confidence (top probability) to hold
-                   min_predictions:int=100, # Judge a window against the baseline only from this many predictions
-                   n_sigma:float=3, # Keep each limit at least this many standard deviations of its statistic's noise from the baseline
-                   from_logits:bool=False, # `probs` are raw outputs: softmax them
-                   **rules, # The fixed rules (`threshold`, `min_confidence`, `max_low_confidence`, `topk`)
-                  ):
-        "Constraints from baseline predictions: each class's share and the confidence's mean and quantiles, with margins"
-        for k,v in dict(share_margin=share_margin, confidence_margin=confidence_margin).items(): _num({k: v}, k, 'from_probs')
-        _num(dict(n_sigma=n_sigma), 'n_sigma', 'from_probs', 0, math.inf)
-        _num(dict(min_predictions=min_predictions), 'min_predictions', 'from_probs', 1, math.inf, True)
-        p = _as_probs(probs, from_logits)
-        if not len(p): raise ValueError("probs is empty: the baseline needs predictions")
-        top,pred = p.max(1)
-        N,m,r6 = len(p),min_predictions,lambda v: round(float(v), 6)   # rounded: a file a person can read and edit
-        shares = [r6(s) for s in np.bincount(pred.numpy(), minlength=p.shape[1])/N]
-        st = _confidence_stats(top.numpy(), quantiles)
-        st = dict(mean=r6(st['mean']), quantiles={q: r6(v) for q,v in st['quantiles'].items()})
-        sd = _confidence_spreads(top.numpy(), m, list(st['quantiles']))
-        floor = lambda v,s: r6(max(0., v - max(confidence_margin, n_sigma*s)))
-        share_sd = lambda s: math.sqrt(s*(1 - s)*(1/m + 1/N))    # a binomial share, in a window and in the baseline
-        limits = dict(max_class_share=[r6(min(1., s + max(share_margin, n_sigma*share_sd(s)))) for s in shares],
-                      min_confidence_mean=floor(st['mean'], sd['mean']),
-                      min_confidence_quantiles={q: floor(v, sd[q]) for q,v in st['quantiles'].items()}, min_predictions=m)
-        return cls(dict(n=N, class_shares=shares, confidence=st), limits, rules, vocab,
-                   dict(share=share_margin, confidence=confidence_margin, n_sigma=n_sigma), where='from_probs')
-
-    def check(self, counts, # Predictions per class in the window
-              confs, # The top probability of each prediction in the window
-              vocab=None, # Class names for the messages (default: the constraints')
-             ) -> tuple:
-        "The window's violations of the limits ('class_share', 'confidence_mean', 'confidence_quantile') and its statistics"
-        counts,confs = np.asarray(counts, np.int64).reshape(-1),np.asarray(confs, np.float64).reshape(-1)
-        total,lim,base = int(counts.sum()),self.limits,self.baseline
-        if total and len(counts) != self.n_classes:
-            raise ValueError(f"the predictions have {len(counts)} classes but the constraints were made for {self.n_classes}")
-        if len(confs) != total: raise ValueError(f"{len(confs)} confidences for {total} predictions: give one per prediction")
-        vocab = self.vocab if vocab is None else vocab
-        conf = _confidence_stats(confs, lim['min_confidence_quantiles'])
-        stats = dict(evaluated=total >= lim['min_predictions'], confidence=conf, baseline_confidence=base['confidence'],
-                     confidence_limits=dict(mean=lim['min_confidence_mean'], quantiles=lim['min_confidence_quantiles']),
-                     baseline_shares=base['class_shares'], max_class_share=lim['max_class_share'])
-        if not stats['evaluated']:
-            return [],dict(stats, note=f"baseline constraints not evaluated: {total} of min_predictions={lim['min_predictions']} predictions")
-        vs,shares = [],counts/total
-        for c in np.argsort(-shares, kind='stable'):
-            if shares[c] > lim['max_class_share'][c]:
-                vs.append(Violation('class_share', int(c), float(shares[c]), f"{_cls_name(c, vocab)} predicted {counts[c]} times "
-                                    f"in {total} ({shares[c]:.1%}), above its limit {lim['max_class_share'][c]:.1%} "
-                                    f"(baseline {base['class_shares'][c]:.1%})"))
-        bq = base['confidence']['quantiles']
-        if conf['mean'] < lim['min_confidence_mean']:
-            vs.append(Violation('confidence_mean', None, conf['mean'], f"mean confidence {conf['mean']:.3f}, under its limit "
-                                f"{lim['min_confidence_mean']:.3f} (baseline {base['confidence']['mean']:.3f})"))
-        for q,floor in lim['min_confidence_quantiles'].items():
-            v = conf['quantiles'][q]
-            if v < floor:
-                b = f" (baseline {bq[q]:.3f})" if q in bq else ""
-                vs.append(Violation('confidence_quantile', None, v, f"the {_pct(float(q))} quantile of the confidence is {v:.3f}, "
-                                    f"under its limit {floor:.3f}{b}"))
-        return vs,stats
-
-    def to_dict(self) -> dict:
-        "The constraints as JSON values (what `save` writes), a copy"
-        return json.loads(json.dumps(dict(format=_CONSTRAINTS_FORMAT, version=1, n_classes=self.n_classes, vocab=self.vocab,
-                                          baseline=self.baseline, margins=self.margins, limits=self.limits, rules=self.rules)))
-
-    def save(self, fname) -> Path:
-        "Write the constraints to the JSON file `fname`, atomically (a reader never sees half a file)"
-        fname = Path(fname); fname.parent.mkdir(parents=True, exist_ok=True)
-        tmp = fname.with_name(f".{fname.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + '\n'); os.replace(tmp, fname)
-        return fname
-
-    @classmethod
-    def load(cls, fname):
-        "Constraints from a JSON file that `save` wrote (or a person edited); errors name the file and what is wrong in it"
-        fname = Path(fname)
-        if not fname.is_file():
-            raise FileNotFoundError(f"no constraints file {str(fname)!r}: write one with "
-                                    "PredictionMonitor.from_learner(learn).constraints.save(fname)")
-        try: d = json.loads(fname.read_text())
-        except ValueError as e: raise ValueError(f"{str(fname)!r} is not JSON ({e}); Constraints.save writes constraints files") from None
-        if not isinstance(d, dict) or d.get('format') != _CONSTRAINTS_FORMAT:
-            raise ValueError(f"{str(fname)!r} is not a constraints file: it lacks \"format\": \"{_CONSTRAINTS_FORMAT}\"")
-        if d.get('version') != 1: raise ValueError(f"{str(fname)!r} has version {d.get('version')!r}; this fastai_saliency reads version 1")
-        c = cls(d.get('baseline'), d.get('limits'), d.get('rules'), d.get('vocab'), d.get('margins'), where=repr(str(fname)))
-        if d.get('n_classes', c.n_classes) != c.n_classes:
-            raise ValueError(f"{str(fname)!r} says n_classes={d['n_classes']} but its baseline has {c.n_classes} class shares")
-        return c
-
     def __repr__(self):
         l,b = self.limits,self.baseline
         qs = ', '.join(f"{_pct(float(q))} >= {v:.3f}" for q,v in l['min_confidence_quantiles'].items())
         return (f"Constraints for {self.n_classes} classes from {b['n']} baseline predictions: class shares <= "
                 f"{', '.join(f'{s:.1%}' for s in l['max_class_share'][:6])}{', ...' if self.n_classes > 6 else ''}; "
                 f"confidence mean >= {l['min_confidence_mean']:.3f}, quantiles {qs}; judged from {l['min_predictions']} predictions")
+
+# %% ../nbs/10_monitor.ipynb #5ba1e886
+@patch(cls_method=True)
+def from_probs(cls:Constraints, probs, # Baseline predictions (N, C): probabilities, or raw outputs with `from_logits`
+               vocab=None, # Class names
+               share_margin:float=0.1, # A class may take up to this share of a window above its baseline share
+               confidence_margin:float=0.1, # The confidence's mean and quantiles may fall this far under the baseline's
+               quantiles=(0.1, 0.25, 0.5), # Quantiles of the confidence (top probability) to hold
+               min_predictions:int=100, # Judge a window against the baseline only from this many predictions
+               n_sigma:float=3, # Keep each limit at least this many standard deviations of its statistic's noise from the baseline
+               from_logits:bool=False, # `probs` are raw outputs: softmax them
+               **rules, # The fixed rules (`threshold`, `min_confidence`, `max_low_confidence`, `topk`)
+              ):
+    "Constraints from baseline predictions: each class's share and the confidence's mean and quantiles, with margins"
+    for k,v in dict(share_margin=share_margin, confidence_margin=confidence_margin).items(): _num({k: v}, k, 'from_probs')
+    _num(dict(n_sigma=n_sigma), 'n_sigma', 'from_probs', 0, math.inf)
+    _num(dict(min_predictions=min_predictions), 'min_predictions', 'from_probs', 1, math.inf, True)
+    p = _as_probs(probs, from_logits)
+    if not len(p): raise ValueError("probs is empty: the baseline needs predictions")
+    top,pred = p.max(1)
+    N,m,r6 = len(p),min_predictions,lambda v: round(float(v), 6)   # rounded: a file a person can read and edit
+    shares = [r6(s) for s in np.bincount(pred.numpy(), minlength=p.shape[1])/N]
+    st = _confidence_stats(top.numpy(), quantiles)
+    st = dict(mean=r6(st['mean']), quantiles={q: r6(v) for q,v in st['quantiles'].items()})
+    sd = _confidence_spreads(top.numpy(), m, list(st['quantiles']))
+    floor = lambda v,s: r6(max(0., v - max(confidence_margin, n_sigma*s)))
+    share_sd = lambda s: math.sqrt(s*(1 - s)*(1/m + 1/N))    # a binomial share, in a window and in the baseline
+    limits = dict(max_class_share=[r6(min(1., s + max(share_margin, n_sigma*share_sd(s)))) for s in shares],
+                  min_confidence_mean=floor(st['mean'], sd['mean']),
+                  min_confidence_quantiles={q: floor(v, sd[q]) for q,v in st['quantiles'].items()}, min_predictions=m)
+    return cls(dict(n=N, class_shares=shares, confidence=st), limits, rules, vocab,
+               dict(share=share_margin, confidence=confidence_margin, n_sigma=n_sigma), where='from_probs')
+
+# %% ../nbs/10_monitor.ipynb #68da031f
+@patch
+def check(self:Constraints, counts, # Predictions per class in the window
+          confs, # The top probability of each prediction in the window
+          vocab=None, # Class names for the messages (default: the constraints')
+         ) -> tuple:
+    "The window's violations of the limits ('class_share', 'confidence_mean', 'confidence_quantile') and its statistics"
+    counts,confs = np.asarray(counts, np.int64).reshape(-1),np.asarray(confs, np.float64).reshape(-1)
+    total,lim,base = int(counts.sum()),self.limits,self.baseline
+    if total and len(counts) != self.n_classes:
+        raise ValueError(f"the predictions have {len(counts)} classes but the constraints were made for {self.n_classes}")
+    if len(confs) != total: raise ValueError(f"{len(confs)} confidences for {total} predictions: give one per prediction")
+    vocab = self.vocab if vocab is None else vocab
+    conf = _confidence_stats(confs, lim['min_confidence_quantiles'])
+    stats = dict(evaluated=total >= lim['min_predictions'], confidence=conf, baseline_confidence=base['confidence'],
+                 confidence_limits=dict(mean=lim['min_confidence_mean'], quantiles=lim['min_confidence_quantiles']),
+                 baseline_shares=base['class_shares'], max_class_share=lim['max_class_share'])
+    if not stats['evaluated']:
+        return [],dict(stats, note=f"baseline constraints not evaluated: {total} of min_predictions={lim['min_predictions']} predictions")
+    vs,shares = [],counts/total
+    for c in np.argsort(-shares, kind='stable'):
+        if shares[c] > lim['max_class_share'][c]:
+            vs.append(Violation('class_share', int(c), float(shares[c]), f"{_cls_name(c, vocab)} predicted {counts[c]} times "
+                                f"in {total} ({shares[c]:.1%}), above its limit {lim['max_class_share'][c]:.1%} "
+                                f"(baseline {base['class_shares'][c]:.1%})"))
+    bq = base['confidence']['quantiles']
+    if conf['mean'] < lim['min_confidence_mean']:
+        vs.append(Violation('confidence_mean', None, conf['mean'], f"mean confidence {conf['mean']:.3f}, under its limit "
+                            f"{lim['min_confidence_mean']:.3f} (baseline {base['confidence']['mean']:.3f})"))
+    for q,floor in lim['min_confidence_quantiles'].items():
+        v = conf['quantiles'][q]
+        if v < floor:
+            b = f" (baseline {bq[q]:.3f})" if q in bq else ""
+            vs.append(Violation('confidence_quantile', None, v, f"the {_pct(float(q))} quantile of the confidence is {v:.3f}, "
+                                f"under its limit {floor:.3f}{b}"))
+    return vs,stats
+
+# %% ../nbs/10_monitor.ipynb #7c41982a
+@patch
+def to_dict(self:Constraints) -> dict:
+    "The constraints as JSON values (what `save` writes), a copy"
+    return json.loads(json.dumps(dict(format=_CONSTRAINTS_FORMAT, version=1, n_classes=self.n_classes, vocab=self.vocab,
+                                      baseline=self.baseline, margins=self.margins, limits=self.limits, rules=self.rules)))
+
+@patch
+def save(self:Constraints, fname) -> Path:
+    "Write the constraints to the JSON file `fname`, atomically (a reader never sees half a file)"
+    fname = Path(fname); fname.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fname.with_name(f".{fname.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(self.to_dict(), indent=1) + '\n'); os.replace(tmp, fname)
+    return fname
+
+@patch(cls_method=True)
+def load(cls:Constraints, fname):
+    "Constraints from a JSON file that `save` wrote (or a person edited); errors name the file and what is wrong in it"
+    fname = Path(fname)
+    if not fname.is_file():
+        raise FileNotFoundError(f"no constraints file {str(fname)!r}: write one with "
+                                "PredictionMonitor.from_learner(learn).constraints.save(fname)")
+    try: d = json.loads(fname.read_text())
+    except ValueError as e: raise ValueError(f"{str(fname)!r} is not JSON ({e}); Constraints.save writes constraints files") from None
+    if not isinstance(d, dict) or d.get('format') != _CONSTRAINTS_FORMAT:
+        raise ValueError(f"{str(fname)!r} is not a constraints file: it lacks \"format\": \"{_CONSTRAINTS_FORMAT}\"")
+    if d.get('version') != 1: raise ValueError(f"{str(fname)!r} has version {d.get('version')!r}; this fastai_saliency reads version 1")
+    c = cls(d.get('baseline'), d.get('limits'), d.get('rules'), d.get('vocab'), d.get('margins'), where=repr(str(fname)))
+    if d.get('n_classes', c.n_classes) != c.n_classes:
+        raise ValueError(f"{str(fname)!r} says n_classes={d['n_classes']} but its baseline has {c.n_classes} class shares")
+    return c
 
 # %% ../nbs/10_monitor.ipynb #fec1db07
 def _as_constraints(c) -> Constraints:
@@ -685,72 +696,6 @@ class ClassImbalance(Callback):
     @property
     def _vocab(self): return self.vocab if self.vocab is not None else self._dls_vocab
 
-    def update(self, preds, # Class scores (N, C) (or (N, C, ...) with `axis`), or class ids with `argmax=False`
-               targs, # Class ids, one per prediction
-               axis:int=None, # The class axis of `preds` (default: -1, or the loss function's `axis` in a fit)
-              ):
-        "Count one batch of labels and predictions"
-        p,y = _as_tensor(preds, 'preds'),_as_tensor(targs, 'targs')
-        if y.is_floating_point():
-            raise TypeError(f"targs must be class ids (integers), got {y.dtype}: one-hot and multi-label targets are not supported")
-        C = None
-        if self.argmax:
-            if p.dim() < 2: raise ValueError(f"preds must be class scores (N, C) with argmax=True, got shape {tuple(p.shape)}; "
-                                             "pass argmax=False for class ids")
-            axis = self._axis if axis is None else axis
-            C = p.shape[axis]
-            if self._n_cls is not None and C != self._n_cls:
-                raise ValueError(f"preds have {C} classes but earlier updates had {self._n_cls}; call reset() first")
-            p = p.argmax(axis)
-        elif p.is_floating_point(): raise TypeError(f"preds must be class ids (integers) with argmax=False, got {p.dtype}")
-        p,y = p.flatten().long(),y.flatten().long()
-        if p.shape != y.shape: raise ValueError(f"{len(p)} predictions but {len(y)} labels: give one label per prediction")
-        if len(y) and min(int(y.min()), int(p.min())) < 0:
-            raise ValueError("class ids must be >= 0, got a negative label or prediction")
-        if len(y) and C is not None and int(y.max()) >= C:
-            raise ValueError(f"label {int(y.max())} out of range: the predictions have {C} classes")
-        n = max(C or 0, len(self._labels), len(self.vocab) if self.vocab is not None else 0,
-                int(y.max())+1 if len(y) else 0, int(p.max())+1 if len(p) else 0)
-        self._n_cls = C if C is not None else self._n_cls
-        self._labels,self._preds,self._wrong = [_grow(a, n) for a in (self._labels, self._preds, self._wrong)]
-        self._labels += np.bincount(y.numpy(), minlength=n)
-        self._preds += np.bincount(p.numpy(), minlength=n)
-        self._wrong += np.bincount(y[p != y].numpy(), minlength=n)
-
-    def report(self, warn:bool=False, # Also warn (`MonitorWarning`) when a rule is violated
-              ) -> MonitorReport:
-        "Label counts and the violated rules ('imbalance', 'misprediction'), once `min_labels` labels were counted"
-        labels,wrong,vocab = self._labels,self._wrong,self._vocab
-        total,vs = int(labels.sum()),[]
-        name = lambda c: _cls_name(c, vocab)
-        evaluated = total >= self.min_labels and total > 0
-        if evaluated:
-            cand = np.arange(len(labels)) if self.count_absent else np.flatnonzero(labels)
-            if len(cand) >= 2:
-                hi,lo = cand[np.argmax(labels[cand])],cand[np.argmin(labels[cand])]
-                ratio = labels[hi]/labels[lo] if labels[lo] else math.inf
-                if ratio > self.threshold_imbalance:
-                    if labels[lo]: msg = (f"labels imbalanced {ratio:.1f}:1, above the {self.threshold_imbalance:g}:1 threshold: "
-                                          f"{name(hi)} has {labels[hi]} labels, {name(lo)} {labels[lo]}")
-                    else:
-                        absent = [int(c) for c in cand if labels[c] == 0]
-                        more = "" if len(absent) < 2 else f" (and {len(absent)-1} more class{'es' if len(absent) > 2 else ''}: {absent[1:6]})"
-                        msg = f"{name(lo)} has no labels among {total}{more}, while {name(hi)} has {labels[hi]}"
-                    vs.append(Violation('imbalance', int(lo), float(ratio), msg))
-            present = np.flatnonzero(labels)
-            shares = wrong[present]/labels[present]
-            for i in np.argsort(-shares, kind='stable'):
-                if shares[i] <= self.threshold_misprediction: break
-                c = present[i]
-                vs.append(Violation('misprediction', int(c), float(shares[i]), f"{name(c)} mispredicted {shares[i]:.1%} of the "
-                                    f"time ({wrong[c]} of {labels[c]} labels), above the {_pct(self.threshold_misprediction)} threshold"))
-        note = None if evaluated else f"rules not evaluated yet: {total} of min_labels={self.min_labels} labels counted"
-        rep = MonitorReport('ClassImbalance', {i: int(n) for i,n in enumerate(labels)}, total, vs, vocab, unit='labels',
-                            evaluated=evaluated, note=note, pred_counts={i: int(n) for i,n in enumerate(self._preds)},
-                            mispredicted={int(c): float(wrong[c]/labels[c]) for c in np.flatnonzero(labels)})
-        if warn and vs: _warn_violations('ClassImbalance', vs, total, 'labels')
-        return rep
-
     # As a fastai callback
     def before_fit(self):
         self.run = not hasattr(self.learn, 'lr_finder')
@@ -775,18 +720,89 @@ class ClassImbalance(Callback):
             _warn_violations('ClassImbalance', rep.violations, rep.total, 'labels', ' (warned once per fit)')
         if self.store and not self._standalone: self._write_store(rep)
 
-    def _write_store(self, rep):
-        "Add the counts to the snapshot step of the last validation batch of a `SnapshotCallback` of this Learner"
-        snap = next((cb for cb in self.learn.cbs if isinstance(cb, SnapshotCallback)), None)
-        if snap is None or not len(self._labels): return
-        mis = np.where(self._labels > 0, self._wrong/np.maximum(self._labels, 1), np.nan)
-        tensors = {'class_imbalance.label_counts': torch.from_numpy(self._labels.copy()),
-                   'class_imbalance.pred_counts': torch.from_numpy(self._preds.copy()),
-                   'class_imbalance.mispredicted': torch.from_numpy(mis.astype(np.float32))}
-        meta = dict(class_imbalance=dict(total=rep.total, evaluated=rep.evaluated,
-                                         violations=[v.to_dict() for v in rep.violations]))
-        snap.write(tensors, meta)
+# %% ../nbs/10_monitor.ipynb #dc17a214
+@patch
+def update(self:ClassImbalance, preds, # Class scores (N, C) (or (N, C, ...) with `axis`), or class ids with `argmax=False`
+           targs, # Class ids, one per prediction
+           axis:int=None, # The class axis of `preds` (default: -1, or the loss function's `axis` in a fit)
+          ):
+    "Count one batch of labels and predictions"
+    p,y = _as_tensor(preds, 'preds'),_as_tensor(targs, 'targs')
+    if y.is_floating_point():
+        raise TypeError(f"targs must be class ids (integers), got {y.dtype}: one-hot and multi-label targets are not supported")
+    C = None
+    if self.argmax:
+        if p.dim() < 2: raise ValueError(f"preds must be class scores (N, C) with argmax=True, got shape {tuple(p.shape)}; "
+                                         "pass argmax=False for class ids")
+        axis = self._axis if axis is None else axis
+        C = p.shape[axis]
+        if self._n_cls is not None and C != self._n_cls:
+            raise ValueError(f"preds have {C} classes but earlier updates had {self._n_cls}; call reset() first")
+        p = p.argmax(axis)
+    elif p.is_floating_point(): raise TypeError(f"preds must be class ids (integers) with argmax=False, got {p.dtype}")
+    p,y = p.flatten().long(),y.flatten().long()
+    if p.shape != y.shape: raise ValueError(f"{len(p)} predictions but {len(y)} labels: give one label per prediction")
+    if len(y) and min(int(y.min()), int(p.min())) < 0:
+        raise ValueError("class ids must be >= 0, got a negative label or prediction")
+    if len(y) and C is not None and int(y.max()) >= C:
+        raise ValueError(f"label {int(y.max())} out of range: the predictions have {C} classes")
+    n = max(C or 0, len(self._labels), len(self.vocab) if self.vocab is not None else 0,
+            int(y.max())+1 if len(y) else 0, int(p.max())+1 if len(p) else 0)
+    self._n_cls = C if C is not None else self._n_cls
+    self._labels,self._preds,self._wrong = [_grow(a, n) for a in (self._labels, self._preds, self._wrong)]
+    self._labels += np.bincount(y.numpy(), minlength=n)
+    self._preds += np.bincount(p.numpy(), minlength=n)
+    self._wrong += np.bincount(y[p != y].numpy(), minlength=n)
 
+# %% ../nbs/10_monitor.ipynb #acc4c213
+@patch
+def report(self:ClassImbalance, warn:bool=False, # Also warn (`MonitorWarning`) when a rule is violated
+          ) -> MonitorReport:
+    "Label counts and the violated rules ('imbalance', 'misprediction'), once `min_labels` labels were counted"
+    labels,wrong,vocab = self._labels,self._wrong,self._vocab
+    total,vs = int(labels.sum()),[]
+    name = lambda c: _cls_name(c, vocab)
+    evaluated = total >= self.min_labels and total > 0
+    if evaluated:
+        cand = np.arange(len(labels)) if self.count_absent else np.flatnonzero(labels)
+        if len(cand) >= 2:
+            hi,lo = cand[np.argmax(labels[cand])],cand[np.argmin(labels[cand])]
+            ratio = labels[hi]/labels[lo] if labels[lo] else math.inf
+            if ratio > self.threshold_imbalance:
+                if labels[lo]: msg = (f"labels imbalanced {ratio:.1f}:1, above the {self.threshold_imbalance:g}:1 threshold: "
+                                      f"{name(hi)} has {labels[hi]} labels, {name(lo)} {labels[lo]}")
+                else:
+                    absent = [int(c) for c in cand if labels[c] == 0]
+                    more = "" if len(absent) < 2 else f" (and {len(absent)-1} more class{'es' if len(absent) > 2 else ''}: {absent[1:6]})"
+                    msg = f"{name(lo)} has no labels among {total}{more}, while {name(hi)} has {labels[hi]}"
+                vs.append(Violation('imbalance', int(lo), float(ratio), msg))
+        present = np.flatnonzero(labels)
+        shares = wrong[present]/labels[present]
+        for i in np.argsort(-shares, kind='stable'):
+            if shares[i] <= self.threshold_misprediction: break
+            c = present[i]
+            vs.append(Violation('misprediction', int(c), float(shares[i]), f"{name(c)} mispredicted {shares[i]:.1%} of the "
+                                f"time ({wrong[c]} of {labels[c]} labels), above the {_pct(self.threshold_misprediction)} threshold"))
+    note = None if evaluated else f"rules not evaluated yet: {total} of min_labels={self.min_labels} labels counted"
+    rep = MonitorReport('ClassImbalance', {i: int(n) for i,n in enumerate(labels)}, total, vs, vocab, unit='labels',
+                        evaluated=evaluated, note=note, pred_counts={i: int(n) for i,n in enumerate(self._preds)},
+                        mispredicted={int(c): float(wrong[c]/labels[c]) for c in np.flatnonzero(labels)})
+    if warn and vs: _warn_violations('ClassImbalance', vs, total, 'labels')
+    return rep
+
+# %% ../nbs/10_monitor.ipynb #7640bd40
+@patch
+def _write_store(self:ClassImbalance, rep):
+    "Add the counts to the snapshot step of the last validation batch of a `SnapshotCallback` of this Learner"
+    snap = next((cb for cb in self.learn.cbs if isinstance(cb, SnapshotCallback)), None)
+    if snap is None or not len(self._labels): return
+    mis = np.where(self._labels > 0, self._wrong/np.maximum(self._labels, 1), np.nan)
+    tensors = {'class_imbalance.label_counts': torch.from_numpy(self._labels.copy()),
+               'class_imbalance.pred_counts': torch.from_numpy(self._preds.copy()),
+               'class_imbalance.mispredicted': torch.from_numpy(mis.astype(np.float32))}
+    meta = dict(class_imbalance=dict(total=rep.total, evaluated=rep.evaluated,
+                                     violations=[v.to_dict() for v in rep.violations]))
+    snap.write(tensors, meta)
 
 # %% ../nbs/10_monitor.ipynb #9096e33f
 @patch

@@ -101,52 +101,6 @@ class SnapshotCallback(HookCallback):
         "What to keep of the output `o` of module `m` (input `i`): a tensor, a dict or tuple of tensors, or None; the output by default"
         return o
 
-    def _select(self):
-        "The `(name, module)` pairs to hook and the special names to save"
-        inc,exc = (None if self.include is None else listify(self.include)),listify(self.exclude)
-        special = [s for s in _SPECIAL if (inc is None or s in inc) and s not in exc]
-        inc_mods = None if inc is None else [i for i in inc if not (isinstance(i, str) and i in _SPECIAL)]
-        exc_mods = [e for e in exc if not (isinstance(e, str) and e in _SPECIAL)] or None
-        model = self.model
-        if inc is None:
-            layers = find_layers(model, exclude=exc_mods, types=_DEFAULT_TYPES)
-            if self.explain: layers = self._with_default_layer(model, layers, exc_mods)
-        else: layers = find_layers(model, inc_mods, exclude=exc_mods) if inc_mods else []
-        if not layers and not special:
-            raise ValueError(f"include={self.include!r} minus exclude={self.exclude!r} leaves nothing to save")
-        return layers, special
-
-    def _with_default_layer(self, model, layers, exc_mods) -> list:
-        "`layers` and the layer `gradcam` uses by default (unless excluded), in model order"
-        try: d = find_layers(model, default_layer(model), exclude=exc_mods)
-        except ValueError: return layers                 # a model without a conv layer or a transformer block
-        order = {n:i for i,(n,_) in enumerate(model.named_modules())}
-        return sorted(dict(layers + d).items(), key=lambda p: order[p[0]])
-
-    def _run_meta(self, model) -> dict:
-        "What the run's `run.json` says about this fit: the selection, the options, the data's Normalize and vocab"
-        name = lambda x: x if isinstance(x, (str, int)) else find_layers(model, x)[0][0] if isinstance(x, nn.Module) else str(x)
-        norm = dls_norm(self.dls)
-        try: dflt = default_layer(model)
-        except ValueError: dflt = None
-        vocab = data_vocab(self.dls)
-        return dict(writer='SnapshotCallback', model=type(model).__name__, layers=[n for n,_ in self.layers], task=learn_task(self.learn),
-                    thresh=getattr(self.learn.loss_func, 'thresh', None),
-                    special=self.special, include=None if self.include is None else [name(i) for i in listify(self.include)],
-                    exclude=[name(e) for e in listify(self.exclude)], every=self.every, valid_every=self.valid_every,
-                    grads=self.grads, explain=self.explain, target=self.target if isinstance(self.target, (str, int)) else 'given',
-                    max_bytes=self.max_bytes, bn_stats=self.bn_stats, params=self.params,
-                    dtype=None if self.dtype is None else str(self.dtype)[6:], n_epoch=self.n_epoch, default_layer=dflt,
-                    norm=None if norm is None else dict(mean=norm.mean.flatten().tolist(), std=norm.std.flatten().tolist()),
-                    vocab=None if vocab is None or isinstance(vocab, Tensor) else [str(v) for v in vocab])
-
-    def _planned_steps(self) -> dict:
-        "How many steps of each mode this fit saves (None where a DataLoader has no length)"
-        try: nt,nv = len(self.dls.train)*self.n_epoch,len(self.dls.valid)
-        except TypeError: return dict(train=None, valid=None)
-        nv = 0 if not nv else self.n_epoch if self.valid_every is None else -(-nv*self.n_epoch // self.valid_every) if self.valid_every else 0
-        return dict(train=-(-nt // self.every) if self.every else 0, valid=nv)
-
     def before_fit(self):
         self._clear()
         if in_validation(self.learn):            # learn.validate(), get_preds() and predict() run the fit events too
@@ -168,16 +122,6 @@ class SnapshotCallback(HookCallback):
         self.valid_count,self.cancelled,self.stopped,self.n_bytes,self._announced = 0,False,False,0,False
         self.explaining,self.planned = self.explain,self._planned_steps()
         self.writer = SnapshotWriter(self.dest, fsync=self.fsync, meta=self._run_meta(model), **self._store_kw())
-
-    def _start_predict(self):
-        "Open the run `get_preds`/`predict` steps go to: one for the callback's life, which each call continues"
-        if self.predict_writer is not None: return
-        self.layers,self.special = self._select()
-        self.predict_count,self.predict_bytes,self.predict_stopped = 0,0,False
-        self.predict_writer = SnapshotWriter(self.dest, fsync=self.fsync, meta=dict(
-            self._run_meta(self.model), mode='predict', predict_every=self.predict_every), **self._store_kw())
-
-    def _store_kw(self) -> dict: return dict(queue_bytes=self.queue_bytes, when_full=self.when_full, storage_options=self.storage_options)
 
     def before_validate(self):
         if self._predicting: self._ids,self._pos = item_ids(self.dl),0   # the ids the monitor's capture uses too
@@ -204,223 +148,6 @@ class SnapshotCallback(HookCallback):
         self._explaining = mode == 'valid' and self.explaining
         if not self._explaining: self._register()   # an explained batch is hooked in its own forward pass (`_explain`)
 
-    def _register(self):
-        "Hook the layers for the forward pass of this batch; a model-level hook removes them when it ends"
-        self._cap = Capture(self.model, self.layers, grads=self.grads and self.training, hook=self.hook,
-                            on_act=lambda n,t: self._keep_output(n, t),
-                            on_grad=lambda n,g: self._keep(f'{n}.output_grad', g))
-        self._top = self.model.register_forward_hook(self._forward_done, always_call=True)
-
-    def _keep_output(self, name, a, keep=None):
-        "Keep what `hook` returned for layer `name`: a tensor as `name.output`, a dict or tuple of tensors as `name.output.k`"
-        keep = keep or self._keep
-        if isinstance(a, Tensor): return keep(f'{name}.output', a)
-        items = a.items() if isinstance(a, dict) else enumerate(a) if isinstance(a, (tuple, list)) else None
-        if items is None: raise TypeError(f"hook must return a tensor, a dict or tuple of tensors, or None; got {type(a).__name__} for {name!r}")
-        for k,t in items:
-            if not isinstance(t, Tensor): raise TypeError(f"hook returned a {type(t).__name__} at {k!r} for {name!r}: only tensors are saved")
-            keep(f'{name}.output.{k}', t)
-
-    def _keep(self, name, t):
-        self._buf[name] = _copy_to_cpu(t, self.dtype)
-        if t.is_cuda: self._cuda = True
-
-    def _forward_done(self, m, i, o):
-        "Remove the layer hooks once the forward pass ends (also when it raises); gradient hooks live on the graph"
-        self._remove()
-
-    def _remove(self):
-        "Remove the forward hooks of a saved batch, if any"
-        for h in (self._cap, self._top):
-            if h is not None: h.remove()
-
-    def after_pred(self):
-        if self._snap is None: return
-        for i,x in enumerate(self.xb):
-            if 'input' in self.special and isinstance(x, Tensor): self._keep('input' if i == 0 else f'input.{i}', x)
-        if 'logits' in self.special and isinstance(self.pred, Tensor): self._keep('logits', self.pred)
-        if self._mode == 'predict' and self._explaining: self._explain()   # no labels, maybe no loss: explain here
-
-    def after_loss(self):
-        if self._snap is None: return
-        for i,y in enumerate(self.yb):
-            if 'target' in self.special and isinstance(y, Tensor): self._keep('target' if i == 0 else f'target.{i}', y)
-        if len(self.yb) and isinstance(self.learn.loss, Tensor): self._keep('loss', self.learn.loss)
-        if not (self.training or self._explaining) or self._mode == 'predict': return
-        for n,m in self.bns:                     # after the forward pass (running stats updated), before the step
-            for k in ('running_mean', 'running_var', 'weight', 'bias'):
-                if isinstance(getattr(m, k, None), Tensor): self._keep(f'{n}.{k}', getattr(m, k))
-        for n,m in self.param_layers:
-            for k in ('weight', 'bias'):
-                if isinstance(getattr(m, k, None), Tensor): self._keep(f'{n}.{k}', getattr(m, k))
-        if self._explaining: self._explain()
-
-    def _target(self) -> tuple:
-        "What an explained batch explains (see `target`) and, in words, where it comes from; at inference the prediction"
-        if self.target in (None, 'pred') or self._mode == 'predict': return None,'pred'
-        if self.target != 'label': return self.target,'given'
-        y,p = (self.yb[0] if len(self.yb) else None),self.pred
-        if learn_task(self.learn) not in (None, 'single'): return self._task_label_target(y, p)
-        ok = (isinstance(y, Tensor) and isinstance(p, Tensor) and y.dim() == 1 and p.dim() == 2 and len(y) == len(p)
-              and not (y.is_floating_point() or y.dtype == torch.bool) and bool(((y >= 0) & (y < p.shape[1])).all()))
-        return (y.as_subclass(Tensor).long(),'label') if ok else (None,'pred')
-
-    def _explain(self):
-        "Explain this validation batch: its tensors join the step, what reads them joins the step's metadata"
-        t,how = self._target()
-        try: self._explained_meta = self.explain_batch(self.xb[0], t, self._keep, how)
-        except Exception as e:                   # the fit goes on; the step is saved without explanation
-            self._explaining = False
-            if self._mode != 'predict': self.explaining = False
-            what = 'validation' if self._mode == 'valid' else 'inference'
-            warnings.warn(f"SnapshotCallback could not explain {what} batch {self._snap} ({type(e).__name__}: {e}); "
-                          f"{what} steps are saved without explanation{' for the rest of this fit' if self._mode != 'predict' else ''} (see `explain=`)")
-
-    def explain_batch(self, xb:Tensor, # A batch (B,C,H,W) on the model's device
-                  target, # As `fullgrad.explained_backward` takes it
-                  keep, # Called as `keep(name, tensor)` for each tensor to store
-                  how:str='given', # Where `target` comes from, for the metadata
-                 ) -> dict:
-        "One forward and backward of `xb`'s target logits with the layers hooked: `keep` gets the tensors, the metadata is returned"
-        model,kept,shapes = self.model,set(),{}
-        def put(n, t):
-            kept.add(n); shapes[n] = tuple(t.shape); keep(n, t)
-        cap = Capture(model, self.layers, grads=self.grads, hook=self.hook, on_act=lambda n,a: self._keep_output(n, a, put),
-                      on_grad=lambda n,g: put(f'{n}.output_grad', g))
-        r = explained_backward(model, xb, target, cap, self.output)
-        if r.input_grad is not None: put('input_grad', r.input_grad)
-        put('explained_class', r.target); put('target_logit', r.score)
-        n_calls,call,saved = {},[],{n for n,_ in self.layers}
-        for p in r.points: call.append(n_calls.get(p.name, 0)); n_calls[p.name] = call[-1] + 1
-        pts = []
-        for i in r.order:                        # the order the backward pass reached them: the order FullGrad adds them
-            p,sfx = r.points[i],(f'.{call[i]}' if call[i] else '')
-            rec = dict(name=p.name, kind=p.kind, grad=f'{p.name}.output_grad', channels_last=p.channels_last)
-            if not (p.kind == 'out' and n_calls[p.name] == 1 and p.name in saved and rec['grad'] in kept):
-                rec['grad'] = f'{p.name}.point_grad{sfx}'; put(rec['grad'], p.grad)   # else: the same gradient, kept once
-            if p.kind == 'clamp':
-                rec.update(code=f'{p.name}.clamp_code{sfx}', levels=list(p.levels)); put(rec['code'], p.code)
-            else:
-                rec.update(bias=f'{p.name}.point_bias', trailing=p.trailing)
-                if rec['bias'] not in kept: put(rec['bias'], r.biases[p.name])
-            pts.append(rec)
-        lays,size = {},tuple(xb.shape[-2:])
-        for n,_ in self.layers:
-            if f'{n}.output_grad' not in shapes: continue
-            try:
-                l = feature_layout(model, n, shapes[f'{n}.output_grad'], size, batch_size=len(xb), what='Grad-CAM')
-                lays[n] = dict(fmt=l.fmt, prefix=l.prefix, grid=l.grid)
-            except ValueError as e: lays[n] = dict(error=str(e))
-        return dict(grads='target_logits', target=how, input_size=list(size), points=pts, layouts=lays,
-                    fullgrad_error=r.fullgrad_error)
-
-    def after_backward(self):
-        if self._snap is None: return
-        scaler = getattr(getattr(self.learn, 'mixed_precision', None), 'scaler', None)
-        if scaler is not None and scaler.is_enabled(): self._scale = float(scaler.get_scale())
-
-    def _tensors(self):
-        "The kept tensors in a stable order: input, outputs, gradients (model order), statistics, logits, target, loss, the rest"
-        buf,names = self._buf,[n for n,_ in self.layers]
-        order = ([k for k in buf if k.startswith('input')] + [f'{n}.output' for n in names]
-                 + [k for n in names for k in buf if k.startswith(f'{n}.output.')]
-                 + [f'{n}.output_grad' for n in names]
-                 + [k for k in buf if k.rsplit('.', 1)[-1] in ('running_mean', 'running_var', 'weight', 'bias')]
-                 + [k for k in buf if k.startswith(('logits', 'target'))] + ['loss'] + list(buf))
-        res = {k: buf[k] for k in dict.fromkeys(order) if k in buf}
-        if self._scale:                          # fastai's MixedPrecision scaled the loss before backward
-            for k in res:
-                if k.endswith('.output_grad'): res[k] = (res[k].float()/self._scale).to(res[k].dtype)
-        return res
-
-    def _log(self, msg:str):
-        "Print `msg` where fastai prints its log: not under `learn.no_logging()`"
-        lg = getattr(getattr(self.learn, 'progress', None), 'old_logger', self.learn.logger)
-        if lg is not noop: print(msg)
-
-    def _estimate(self, ts:dict) -> int|None:
-        "Bytes of a validation step, estimated at the first training step `ts`: its tensors per image, explained on one image"
-        bs,nv = len(self.xb[0]),getattr(self.dls.valid, 'bs', None) or len(self.xb[0])
-        per = lambda names: sum(ts[k].numel()*ts[k].element_size() for k in names)/bs
-        batch = [k for k,t in ts.items() if t.dim() and len(t) == bs]
-        if not self.explaining: return int(nv*per([k for k in batch if not k.endswith('_grad')]))
-        n = [0]
-        def count(k, t): n[0] += t.numel()*(t.element_size() if self.dtype is None or not t.is_floating_point() else self.dtype.itemsize)
-        self.explain_batch(self.xb[0][:1], None, count)
-        return int(nv*(n[0] + per([k for k in batch if k.startswith(('input', 'logits', 'target', 'loss')) and k != 'input_grad'])))
-
-    def _announce(self, ts:dict):
-        "Say once, before the first step is written, what one step takes and what the fit will write"
-        self._announced = True
-        size = {self._mode: _nbytes(ts)}
-        if self._mode == 'train' and self.planned['valid']:
-            try: size['valid'] = self._estimate(ts)
-            except Exception: pass
-        known = {m: s for m,s in size.items() if self.planned[m] is not None}
-        total = self.projected = sum(s*self.planned[m] for m,s in known.items())
-        steps = ' and '.join(f"{self.planned[m]} {m}" for m in known) or 'an unknown number of'
-        msg = (f"SnapshotCallback: one {self._mode} step takes {_fmt_bytes(size[self._mode])}"
-               + (f", one valid step about {_fmt_bytes(size['valid'])}" if 'valid' in size and self._mode != 'valid' else '')
-               + f"; {steps} steps in this fit: {_fmt_bytes(total)} projected, in {self.writer.path}")
-        if self.max_bytes is not None:
-            msg += f" (max_bytes={_fmt_bytes(self.max_bytes)}{': saving stops there' if total > self.max_bytes else ''})"
-        self._log(msg)
-
-    def _within_budget(self, ts:dict) -> bool:
-        "Count the bytes of `ts` (per run); past `max_bytes`, stop saving to that run (with a warning) and say False"
-        nb,pred = _nbytes(ts),self._mode == 'predict'
-        used = self.predict_bytes if pred else self.n_bytes
-        if self.max_bytes is not None and used + nb > self.max_bytes:
-            if pred: self.predict_stopped = True
-            else: self.stopped = True
-            n = sum(1 for _ in self._writer().parts)
-            warnings.warn(f"SnapshotCallback stops saving: {self._mode} step {self._snap} ({_fmt_bytes(nb)}) would take the run in "
-                          f"{str(self._writer().path)!r} past max_bytes={_fmt_bytes(self.max_bytes)}; {n} steps "
-                          f"({_fmt_bytes(used)}) are written and the run stays readable. To save more: raise max_bytes=, or "
-                          "save less (fewer layers in include=, a larger every=, valid_every= or predict_every=, dtype=torch.float16, explain=False)")
-            return False
-        if pred: self.predict_bytes += nb
-        else: self.n_bytes += nb
-        return True
-
-    def _writer(self) -> SnapshotWriter: return self.predict_writer if self._mode == 'predict' else self.writer
-
-    def after_batch(self):
-        if self._snap is None: return
-        try:
-            ts = self._tensors()
-            if self._mode == 'predict':
-                if self.predict_stopped or not self._within_budget(ts): return
-                meta = dict(ids=self._batch_ids)
-                if self._explaining: meta['explained'] = self._explained_meta
-                self.predict_writer.write_step('predict', self._snap, ts, meta=meta, wait=True)
-                return
-            if not self._announced: self._announce(ts)
-            if not self._within_budget(ts): return
-            ready = None
-            if self._cuda:                       # the non-blocking copies are done once this event is
-                ready = torch.cuda.Event(); ready.record()
-                if self._scale or not self.background: ready.synchronize(); ready = None   # unscaling reads the copies
-            meta = {}
-            if self.training and self.opt is not None and 'lr' in self.opt.hypers[-1]:
-                meta['lr'] = float(self.opt.hypers[-1]['lr'])
-            if self._scale: meta['grad_scale'] = self._scale
-            if self.training and self.grads: meta['grads'] = 'loss'
-            if self._explaining: meta['explained'] = self._explained_meta
-            self.writer.write_step(self._mode, self._snap, ts, meta=meta, epoch=self.epoch,
-                                   iteration=self.iter, wait=not self.background, ready=ready)
-        finally: self._clear()
-
-    def write(self, tensors:dict, # name -> tensor, new at that step
-              meta:dict=None, # JSON metadata for the step
-             ) -> bool:
-        "Add `tensors` to this fit's run at the current step: the last validation batch in validation, else the training batch; False outside a fit or past `max_bytes`"
-        if self.writer is None or self.stopped: return False
-        mode,step = ('train', self.train_iter) if self.training else ('valid', max(self.valid_count - 1, 0))
-        self.writer.write_step(mode, step, tensors, meta=meta, epoch=self.epoch, iteration=self.iter)
-        self.n_bytes += _nbytes(tensors)
-        return True
-
     def _clear(self):
         "Remove any hook of a saved batch and drop its tensors"
         self._remove()
@@ -445,31 +172,143 @@ class SnapshotCallback(HookCallback):
         if self.stopped: meta['stopped'] = f'max_bytes ({self.max_bytes})'
         w.close(ended=not self.cancelled, meta=meta)
 
-    def trial(self) -> Trial:
-        "A `Trial` on the run of the current or last fit"
-        p = self.writer.path if self.writer is not None else getattr(self, 'run_path', None)
-        if p is None: raise ValueError("no run yet: fit with this callback first (runs are written only inside `fit`)")
-        return Trial(p, storage_options=self.storage_options)
-
-    def predict_trial(self) -> Trial:
-        "A `Trial` on the run of the inference steps (`predict_every=`), also while it goes on"
-        p = getattr(self, 'predict_path', None) if self.predict_writer is None else self.predict_writer.path
-        if p is None: raise ValueError("no inference run yet: with predict_every=N, learn.get_preds() and learn.predict() write one")
-        return Trial(p, storage_options=self.storage_options)
-
-    def end_predict(self) -> Path|str|None:
-        "Close the run of the inference steps with its end marker and return its folder (or URL); the next `get_preds`/`predict` starts a new one"
-        w,self.predict_writer = self.predict_writer,None
-        if w is None: return getattr(self, 'predict_path', None)
-        self.predict_path = w.path
-        w.close(ended=True, meta=dict(predict_steps=self.predict_count))
-        return w.path
-
     def __del__(self):
         try:
             self._clear()
             if self.predict_writer is not None: self.predict_writer.close(ended=False)
         except Exception: pass
+
+# %% ../nbs/06_snapshot.ipynb #44009eac
+@patch
+def _select(self:SnapshotCallback):
+    "The `(name, module)` pairs to hook and the special names to save"
+    inc,exc = (None if self.include is None else listify(self.include)),listify(self.exclude)
+    special = [s for s in _SPECIAL if (inc is None or s in inc) and s not in exc]
+    inc_mods = None if inc is None else [i for i in inc if not (isinstance(i, str) and i in _SPECIAL)]
+    exc_mods = [e for e in exc if not (isinstance(e, str) and e in _SPECIAL)] or None
+    model = self.model
+    if inc is None:
+        layers = find_layers(model, exclude=exc_mods, types=_DEFAULT_TYPES)
+        if self.explain: layers = self._with_default_layer(model, layers, exc_mods)
+    else: layers = find_layers(model, inc_mods, exclude=exc_mods) if inc_mods else []
+    if not layers and not special:
+        raise ValueError(f"include={self.include!r} minus exclude={self.exclude!r} leaves nothing to save")
+    return layers, special
+
+@patch
+def _with_default_layer(self:SnapshotCallback, model, layers, exc_mods) -> list:
+    "`layers` and the layer `gradcam` uses by default (unless excluded), in model order"
+    try: d = find_layers(model, default_layer(model), exclude=exc_mods)
+    except ValueError: return layers                 # a model without a conv layer or a transformer block
+    order = {n:i for i,(n,_) in enumerate(model.named_modules())}
+    return sorted(dict(layers + d).items(), key=lambda p: order[p[0]])
+
+# %% ../nbs/06_snapshot.ipynb #fd34ff9c
+@patch
+def _register(self:SnapshotCallback):
+    "Hook the layers for the forward pass of this batch; a model-level hook removes them when it ends"
+    self._cap = Capture(self.model, self.layers, grads=self.grads and self.training, hook=self.hook,
+                        on_act=lambda n,t: self._keep_output(n, t),
+                        on_grad=lambda n,g: self._keep(f'{n}.output_grad', g))
+    self._top = self.model.register_forward_hook(self._forward_done, always_call=True)
+
+@patch
+def _forward_done(self:SnapshotCallback, m, i, o):
+    "Remove the layer hooks once the forward pass ends (also when it raises); gradient hooks live on the graph"
+    self._remove()
+
+@patch
+def _remove(self:SnapshotCallback):
+    "Remove the forward hooks of a saved batch, if any"
+    for h in (self._cap, self._top):
+        if h is not None: h.remove()
+
+# %% ../nbs/06_snapshot.ipynb #584d5cf4
+@patch
+def _keep_output(self:SnapshotCallback, name, a, keep=None):
+    "Keep what `hook` returned for layer `name`: a tensor as `name.output`, a dict or tuple of tensors as `name.output.k`"
+    keep = keep or self._keep
+    if isinstance(a, Tensor): return keep(f'{name}.output', a)
+    items = a.items() if isinstance(a, dict) else enumerate(a) if isinstance(a, (tuple, list)) else None
+    if items is None: raise TypeError(f"hook must return a tensor, a dict or tuple of tensors, or None; got {type(a).__name__} for {name!r}")
+    for k,t in items:
+        if not isinstance(t, Tensor): raise TypeError(f"hook returned a {type(t).__name__} at {k!r} for {name!r}: only tensors are saved")
+        keep(f'{name}.output.{k}', t)
+
+@patch
+def _keep(self:SnapshotCallback, name, t):
+    self._buf[name] = _copy_to_cpu(t, self.dtype)
+    if t.is_cuda: self._cuda = True
+
+# %% ../nbs/06_snapshot.ipynb #b1107dc1
+@patch
+def after_pred(self:SnapshotCallback):
+    if self._snap is None: return
+    for i,x in enumerate(self.xb):
+        if 'input' in self.special and isinstance(x, Tensor): self._keep('input' if i == 0 else f'input.{i}', x)
+    if 'logits' in self.special and isinstance(self.pred, Tensor): self._keep('logits', self.pred)
+    if self._mode == 'predict' and self._explaining: self._explain()   # no labels, maybe no loss: explain here
+
+@patch
+def after_loss(self:SnapshotCallback):
+    if self._snap is None: return
+    for i,y in enumerate(self.yb):
+        if 'target' in self.special and isinstance(y, Tensor): self._keep('target' if i == 0 else f'target.{i}', y)
+    if len(self.yb) and isinstance(self.learn.loss, Tensor): self._keep('loss', self.learn.loss)
+    if not (self.training or self._explaining) or self._mode == 'predict': return
+    for n,m in self.bns:                     # after the forward pass (running stats updated), before the step
+        for k in ('running_mean', 'running_var', 'weight', 'bias'):
+            if isinstance(getattr(m, k, None), Tensor): self._keep(f'{n}.{k}', getattr(m, k))
+    for n,m in self.param_layers:
+        for k in ('weight', 'bias'):
+            if isinstance(getattr(m, k, None), Tensor): self._keep(f'{n}.{k}', getattr(m, k))
+    if self._explaining: self._explain()
+
+# %% ../nbs/06_snapshot.ipynb #a16ca3ac
+@patch
+def after_backward(self:SnapshotCallback):
+    if self._snap is None: return
+    scaler = getattr(getattr(self.learn, 'mixed_precision', None), 'scaler', None)
+    if scaler is not None and scaler.is_enabled(): self._scale = float(scaler.get_scale())
+
+@patch
+def _tensors(self:SnapshotCallback):
+    "The kept tensors in a stable order: input, outputs, gradients (model order), statistics, logits, target, loss, the rest"
+    buf,names = self._buf,[n for n,_ in self.layers]
+    order = ([k for k in buf if k.startswith('input')] + [f'{n}.output' for n in names]
+             + [k for n in names for k in buf if k.startswith(f'{n}.output.')]
+             + [f'{n}.output_grad' for n in names]
+             + [k for k in buf if k.rsplit('.', 1)[-1] in ('running_mean', 'running_var', 'weight', 'bias')]
+             + [k for k in buf if k.startswith(('logits', 'target'))] + ['loss'] + list(buf))
+    res = {k: buf[k] for k in dict.fromkeys(order) if k in buf}
+    if self._scale:                          # fastai's MixedPrecision scaled the loss before backward
+        for k in res:
+            if k.endswith('.output_grad'): res[k] = (res[k].float()/self._scale).to(res[k].dtype)
+    return res
+
+# %% ../nbs/06_snapshot.ipynb #5eb463d0
+@patch
+def _target(self:SnapshotCallback) -> tuple:
+    "What an explained batch explains (see `target`) and, in words, where it comes from; at inference the prediction"
+    if self.target in (None, 'pred') or self._mode == 'predict': return None,'pred'
+    if self.target != 'label': return self.target,'given'
+    y,p = (self.yb[0] if len(self.yb) else None),self.pred
+    if learn_task(self.learn) not in (None, 'single'): return self._task_label_target(y, p)
+    ok = (isinstance(y, Tensor) and isinstance(p, Tensor) and y.dim() == 1 and p.dim() == 2 and len(y) == len(p)
+          and not (y.is_floating_point() or y.dtype == torch.bool) and bool(((y >= 0) & (y < p.shape[1])).all()))
+    return (y.as_subclass(Tensor).long(),'label') if ok else (None,'pred')
+
+@patch
+def _explain(self:SnapshotCallback):
+    "Explain this validation batch: its tensors join the step, what reads them joins the step's metadata"
+    t,how = self._target()
+    try: self._explained_meta = self.explain_batch(self.xb[0], t, self._keep, how)
+    except Exception as e:                   # the fit goes on; the step is saved without explanation
+        self._explaining = False
+        if self._mode != 'predict': self.explaining = False
+        what = 'validation' if self._mode == 'valid' else 'inference'
+        warnings.warn(f"SnapshotCallback could not explain {what} batch {self._snap} ({type(e).__name__}: {e}); "
+                      f"{what} steps are saved without explanation{' for the rest of this fit' if self._mode != 'predict' else ''} (see `explain=`)")
 
 # %% ../nbs/06_snapshot.ipynb #03804d1e
 @patch
@@ -490,3 +329,208 @@ def _task_label_target(self:SnapshotCallback, y, p) -> tuple:
         c = torch.where(counts.amax(1) > 0, counts.argmax(1) + 1, 0)
         return mk(Region(c, mask=y == c[:, None, None])),'label'
     return mk(None),'pred'
+
+# %% ../nbs/06_snapshot.ipynb #59aafd63
+@patch
+def explain_batch(self:SnapshotCallback, xb:Tensor, # A batch (B,C,H,W) on the model's device
+              target, # As `fullgrad.explained_backward` takes it
+              keep, # Called as `keep(name, tensor)` for each tensor to store
+              how:str='given', # Where `target` comes from, for the metadata
+             ) -> dict:
+    "One forward and backward of `xb`'s target logits with the layers hooked: `keep` gets the tensors, the metadata is returned"
+    model,kept,shapes = self.model,set(),{}
+    def put(n, t):
+        kept.add(n); shapes[n] = tuple(t.shape); keep(n, t)
+    cap = Capture(model, self.layers, grads=self.grads, hook=self.hook, on_act=lambda n,a: self._keep_output(n, a, put),
+                  on_grad=lambda n,g: put(f'{n}.output_grad', g))
+    r = explained_backward(model, xb, target, cap, self.output)
+    if r.input_grad is not None: put('input_grad', r.input_grad)
+    put('explained_class', r.target); put('target_logit', r.score)
+    n_calls,call,saved = {},[],{n for n,_ in self.layers}
+    for p in r.points: call.append(n_calls.get(p.name, 0)); n_calls[p.name] = call[-1] + 1
+    pts = []
+    for i in r.order:                        # the order the backward pass reached them: the order FullGrad adds them
+        p,sfx = r.points[i],(f'.{call[i]}' if call[i] else '')
+        rec = dict(name=p.name, kind=p.kind, grad=f'{p.name}.output_grad', channels_last=p.channels_last)
+        if not (p.kind == 'out' and n_calls[p.name] == 1 and p.name in saved and rec['grad'] in kept):
+            rec['grad'] = f'{p.name}.point_grad{sfx}'; put(rec['grad'], p.grad)   # else: the same gradient, kept once
+        if p.kind == 'clamp':
+            rec.update(code=f'{p.name}.clamp_code{sfx}', levels=list(p.levels)); put(rec['code'], p.code)
+        else:
+            rec.update(bias=f'{p.name}.point_bias', trailing=p.trailing)
+            if rec['bias'] not in kept: put(rec['bias'], r.biases[p.name])
+        pts.append(rec)
+    lays,size = {},tuple(xb.shape[-2:])
+    for n,_ in self.layers:
+        if f'{n}.output_grad' not in shapes: continue
+        try:
+            l = feature_layout(model, n, shapes[f'{n}.output_grad'], size, batch_size=len(xb), what='Grad-CAM')
+            lays[n] = dict(fmt=l.fmt, prefix=l.prefix, grid=l.grid)
+        except ValueError as e: lays[n] = dict(error=str(e))
+    return dict(grads='target_logits', target=how, input_size=list(size), points=pts, layouts=lays,
+                fullgrad_error=r.fullgrad_error)
+
+# %% ../nbs/06_snapshot.ipynb #be85607f
+@patch
+def _run_meta(self:SnapshotCallback, model) -> dict:
+    "What the run's `run.json` says about this fit: the selection, the options, the data's Normalize and vocab"
+    name = lambda x: x if isinstance(x, (str, int)) else find_layers(model, x)[0][0] if isinstance(x, nn.Module) else str(x)
+    norm = dls_norm(self.dls)
+    try: dflt = default_layer(model)
+    except ValueError: dflt = None
+    vocab = data_vocab(self.dls)
+    return dict(writer='SnapshotCallback', model=type(model).__name__, layers=[n for n,_ in self.layers], task=learn_task(self.learn),
+                thresh=getattr(self.learn.loss_func, 'thresh', None),
+                special=self.special, include=None if self.include is None else [name(i) for i in listify(self.include)],
+                exclude=[name(e) for e in listify(self.exclude)], every=self.every, valid_every=self.valid_every,
+                grads=self.grads, explain=self.explain, target=self.target if isinstance(self.target, (str, int)) else 'given',
+                max_bytes=self.max_bytes, bn_stats=self.bn_stats, params=self.params,
+                dtype=None if self.dtype is None else str(self.dtype)[6:], n_epoch=self.n_epoch, default_layer=dflt,
+                norm=None if norm is None else dict(mean=norm.mean.flatten().tolist(), std=norm.std.flatten().tolist()),
+                vocab=None if vocab is None or isinstance(vocab, Tensor) else [str(v) for v in vocab])
+
+@patch
+def _planned_steps(self:SnapshotCallback) -> dict:
+    "How many steps of each mode this fit saves (None where a DataLoader has no length)"
+    try: nt,nv = len(self.dls.train)*self.n_epoch,len(self.dls.valid)
+    except TypeError: return dict(train=None, valid=None)
+    nv = 0 if not nv else self.n_epoch if self.valid_every is None else -(-nv*self.n_epoch // self.valid_every) if self.valid_every else 0
+    return dict(train=-(-nt // self.every) if self.every else 0, valid=nv)
+
+@patch
+def _store_kw(self:SnapshotCallback) -> dict: return dict(queue_bytes=self.queue_bytes, when_full=self.when_full, storage_options=self.storage_options)
+
+# %% ../nbs/06_snapshot.ipynb #d294f5e6
+@patch
+def _start_predict(self:SnapshotCallback):
+    "Open the run `get_preds`/`predict` steps go to: one for the callback's life, which each call continues"
+    if self.predict_writer is not None: return
+    self.layers,self.special = self._select()
+    self.predict_count,self.predict_bytes,self.predict_stopped = 0,0,False
+    self.predict_writer = SnapshotWriter(self.dest, fsync=self.fsync, meta=dict(
+        self._run_meta(self.model), mode='predict', predict_every=self.predict_every), **self._store_kw())
+
+@patch
+def _writer(self:SnapshotCallback) -> SnapshotWriter: return self.predict_writer if self._mode == 'predict' else self.writer
+
+# %% ../nbs/06_snapshot.ipynb #cdb5797a
+@patch
+def _log(self:SnapshotCallback, msg:str):
+    "Print `msg` where fastai prints its log: not under `learn.no_logging()`"
+    lg = getattr(getattr(self.learn, 'progress', None), 'old_logger', self.learn.logger)
+    if lg is not noop: print(msg)
+
+@patch
+def _estimate(self:SnapshotCallback, ts:dict) -> int|None:
+    "Bytes of a validation step, estimated at the first training step `ts`: its tensors per image, explained on one image"
+    bs,nv = len(self.xb[0]),getattr(self.dls.valid, 'bs', None) or len(self.xb[0])
+    per = lambda names: sum(ts[k].numel()*ts[k].element_size() for k in names)/bs
+    batch = [k for k,t in ts.items() if t.dim() and len(t) == bs]
+    if not self.explaining: return int(nv*per([k for k in batch if not k.endswith('_grad')]))
+    n = [0]
+    def count(k, t): n[0] += t.numel()*(t.element_size() if self.dtype is None or not t.is_floating_point() else self.dtype.itemsize)
+    self.explain_batch(self.xb[0][:1], None, count)
+    return int(nv*(n[0] + per([k for k in batch if k.startswith(('input', 'logits', 'target', 'loss')) and k != 'input_grad'])))
+
+@patch
+def _announce(self:SnapshotCallback, ts:dict):
+    "Say once, before the first step is written, what one step takes and what the fit will write"
+    self._announced = True
+    size = {self._mode: _nbytes(ts)}
+    if self._mode == 'train' and self.planned['valid']:
+        try: size['valid'] = self._estimate(ts)
+        except Exception: pass
+    known = {m: s for m,s in size.items() if self.planned[m] is not None}
+    total = self.projected = sum(s*self.planned[m] for m,s in known.items())
+    steps = ' and '.join(f"{self.planned[m]} {m}" for m in known) or 'an unknown number of'
+    msg = (f"SnapshotCallback: one {self._mode} step takes {_fmt_bytes(size[self._mode])}"
+           + (f", one valid step about {_fmt_bytes(size['valid'])}" if 'valid' in size and self._mode != 'valid' else '')
+           + f"; {steps} steps in this fit: {_fmt_bytes(total)} projected, in {self.writer.path}")
+    if self.max_bytes is not None:
+        msg += f" (max_bytes={_fmt_bytes(self.max_bytes)}{': saving stops there' if total > self.max_bytes else ''})"
+    self._log(msg)
+
+# %% ../nbs/06_snapshot.ipynb #421e4d00
+@patch
+def _within_budget(self:SnapshotCallback, ts:dict) -> bool:
+    "Count the bytes of `ts` (per run); past `max_bytes`, stop saving to that run (with a warning) and say False"
+    nb,pred = _nbytes(ts),self._mode == 'predict'
+    used = self.predict_bytes if pred else self.n_bytes
+    if self.max_bytes is not None and used + nb > self.max_bytes:
+        if pred: self.predict_stopped = True
+        else: self.stopped = True
+        n = sum(1 for _ in self._writer().parts)
+        warnings.warn(f"SnapshotCallback stops saving: {self._mode} step {self._snap} ({_fmt_bytes(nb)}) would take the run in "
+                      f"{str(self._writer().path)!r} past max_bytes={_fmt_bytes(self.max_bytes)}; {n} steps "
+                      f"({_fmt_bytes(used)}) are written and the run stays readable. To save more: raise max_bytes=, or "
+                      "save less (fewer layers in include=, a larger every=, valid_every= or predict_every=, dtype=torch.float16, explain=False)")
+        return False
+    if pred: self.predict_bytes += nb
+    else: self.n_bytes += nb
+    return True
+
+# %% ../nbs/06_snapshot.ipynb #5b459a56
+@patch
+def after_batch(self:SnapshotCallback):
+    if self._snap is None: return
+    try:
+        ts = self._tensors()
+        if self._mode == 'predict':
+            if self.predict_stopped or not self._within_budget(ts): return
+            meta = dict(ids=self._batch_ids)
+            if self._explaining: meta['explained'] = self._explained_meta
+            self.predict_writer.write_step('predict', self._snap, ts, meta=meta, wait=True)
+            return
+        if not self._announced: self._announce(ts)
+        if not self._within_budget(ts): return
+        ready = None
+        if self._cuda:                       # the non-blocking copies are done once this event is
+            ready = torch.cuda.Event(); ready.record()
+            if self._scale or not self.background: ready.synchronize(); ready = None   # unscaling reads the copies
+        meta = {}
+        if self.training and self.opt is not None and 'lr' in self.opt.hypers[-1]:
+            meta['lr'] = float(self.opt.hypers[-1]['lr'])
+        if self._scale: meta['grad_scale'] = self._scale
+        if self.training and self.grads: meta['grads'] = 'loss'
+        if self._explaining: meta['explained'] = self._explained_meta
+        self.writer.write_step(self._mode, self._snap, ts, meta=meta, epoch=self.epoch,
+                               iteration=self.iter, wait=not self.background, ready=ready)
+    finally: self._clear()
+
+# %% ../nbs/06_snapshot.ipynb #baf24592
+@patch
+def write(self:SnapshotCallback, tensors:dict, # name -> tensor, new at that step
+          meta:dict=None, # JSON metadata for the step
+         ) -> bool:
+    "Add `tensors` to this fit's run at the current step: the last validation batch in validation, else the training batch; False outside a fit or past `max_bytes`"
+    if self.writer is None or self.stopped: return False
+    mode,step = ('train', self.train_iter) if self.training else ('valid', max(self.valid_count - 1, 0))
+    self.writer.write_step(mode, step, tensors, meta=meta, epoch=self.epoch, iteration=self.iter)
+    self.n_bytes += _nbytes(tensors)
+    return True
+
+# %% ../nbs/06_snapshot.ipynb #a2ec128b
+@patch
+def trial(self:SnapshotCallback) -> Trial:
+    "A `Trial` on the run of the current or last fit"
+    p = self.writer.path if self.writer is not None else getattr(self, 'run_path', None)
+    if p is None: raise ValueError("no run yet: fit with this callback first (runs are written only inside `fit`)")
+    return Trial(p, storage_options=self.storage_options)
+
+# %% ../nbs/06_snapshot.ipynb #13e95b59
+@patch
+def predict_trial(self:SnapshotCallback) -> Trial:
+    "A `Trial` on the run of the inference steps (`predict_every=`), also while it goes on"
+    p = getattr(self, 'predict_path', None) if self.predict_writer is None else self.predict_writer.path
+    if p is None: raise ValueError("no inference run yet: with predict_every=N, learn.get_preds() and learn.predict() write one")
+    return Trial(p, storage_options=self.storage_options)
+
+# %% ../nbs/06_snapshot.ipynb #86f952e0
+@patch
+def end_predict(self:SnapshotCallback) -> Path|str|None:
+    "Close the run of the inference steps with its end marker and return its folder (or URL); the next `get_preds`/`predict` starts a new one"
+    w,self.predict_writer = self.predict_writer,None
+    if w is None: return getattr(self, 'predict_path', None)
+    self.predict_path = w.path
+    w.close(ended=True, meta=dict(predict_steps=self.predict_count))
+    return w.path

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import os, re, json, time, errno, struct, difflib, socket, threading, warnings, atexit, weakref
 from collections import deque
+from fastcore.basics import patch
 from pathlib import Path
 import torch
 from torch import Tensor
@@ -91,73 +92,84 @@ class Location:
     def __str__(self): return self.url
     def __repr__(self): return f"Location({self.url!r})"
 
-    def read(self, start:int=None, end:int=None) -> bytes:
-        "The bytes of this file, or those from `start` to `end`; `FileNotFoundError` where it does not exist"
-        if not self.local: return self.fs.cat_file(self.path, start=start, end=end)
-        with open(self.path, 'rb') as f:
-            if start: f.seek(start)
-            return f.read() if end is None else f.read(end - (start or 0))
+# %% ../nbs/01_store.ipynb #5eab2fc0
+@patch
+def read(self:Location, start:int=None, end:int=None) -> bytes:
+    "The bytes of this file, or those from `start` to `end`; `FileNotFoundError` where it does not exist"
+    if not self.local: return self.fs.cat_file(self.path, start=start, end=end)
+    with open(self.path, 'rb') as f:
+        if start: f.seek(start)
+        return f.read() if end is None else f.read(end - (start or 0))
 
-    def read_many(self, names:list) -> dict:
-        "`{name: bytes}` of the files `names` in this folder that exist; concurrent requests on an object store"
-        if self.local or not getattr(self.fs, 'async_impl', False):
-            res = {}
-            for n in names:
-                try: res[n] = (self/n).read()
-                except FileNotFoundError: pass
-            return res
-        import asyncio, fsspec.asyn
-        async def get_all(): return await asyncio.gather(*[self.fs._cat_file(f'{self.path}/{n}') for n in names], return_exceptions=True)
-        got = fsspec.asyn.sync(self.fs.loop, get_all)
-        for g in got:
-            if isinstance(g, BaseException) and not isinstance(g, FileNotFoundError): raise g
-        return {n: g for n,g in zip(names, got) if not isinstance(g, BaseException)}
+@patch
+def read_many(self:Location, names:list) -> dict:
+    "`{name: bytes}` of the files `names` in this folder that exist; concurrent requests on an object store"
+    if self.local or not getattr(self.fs, 'async_impl', False):
+        res = {}
+        for n in names:
+            try: res[n] = (self/n).read()
+            except FileNotFoundError: pass
+        return res
+    import asyncio, fsspec.asyn
+    async def get_all(): return await asyncio.gather(*[self.fs._cat_file(f'{self.path}/{n}') for n in names], return_exceptions=True)
+    got = fsspec.asyn.sync(self.fs.loop, get_all)
+    for g in got:
+        if isinstance(g, BaseException) and not isinstance(g, FileNotFoundError): raise g
+    return {n: g for n,g in zip(names, got) if not isinstance(g, BaseException)}
 
-    def read_ranges(self, ranges:list) -> list:
-        "The bytes of each `(start, end)` of `ranges` of this file; concurrent requests on an object store"
-        if self.local: return [self.read(a, b) for a,b in ranges]
-        got = self.fs.cat_ranges([self.path]*len(ranges), [a for a,_ in ranges], [b for _,b in ranges])
-        for g in got:
-            if isinstance(g, BaseException): raise g
-        return got
+@patch
+def read_ranges(self:Location, ranges:list) -> list:
+    "The bytes of each `(start, end)` of `ranges` of this file; concurrent requests on an object store"
+    if self.local: return [self.read(a, b) for a,b in ranges]
+    got = self.fs.cat_ranges([self.path]*len(ranges), [a for a,_ in ranges], [b for _,b in ranges])
+    for g in got:
+        if isinstance(g, BaseException): raise g
+    return got
 
-    def size(self) -> int:
-        "Bytes in this file, looked up now"
-        if self.local: return os.stat(self.path).st_size
+# %% ../nbs/01_store.ipynb #c133b796
+@patch
+def size(self:Location) -> int:
+    "Bytes in this file, looked up now"
+    if self.local: return os.stat(self.path).st_size
+    self.fs.invalidate_cache(self.path)
+    return self.fs.size(self.path)
+
+@patch
+def exists(self:Location) -> bool:
+    "Whether this file or folder (on an object store: any key under it) exists, looked up now"
+    if self.local: return os.path.exists(self.path)
+    self.fs.invalidate_cache(self.path)
+    return self.fs.exists(self.path)
+
+@patch
+def ls(self:Location) -> list:
+    "Names in this folder (on an object store: the next part of the keys under it); [] where there is none"
+    try:
+        if self.local: return os.listdir(self.path)
         self.fs.invalidate_cache(self.path)
-        return self.fs.size(self.path)
+        return [p.rstrip('/').rsplit('/', 1)[-1] for p in self.fs.ls(self.path, detail=False)]
+    except (FileNotFoundError, NotADirectoryError): return []
 
-    def exists(self) -> bool:
-        "Whether this file or folder (on an object store: any key under it) exists, looked up now"
-        if self.local: return os.path.exists(self.path)
-        self.fs.invalidate_cache(self.path)
-        return self.fs.exists(self.path)
+@patch
+def remove(self:Location):
+    "Delete this file"
+    if self.local: os.remove(self.path)
+    else: self.fs.rm_file(self.path)
 
-    def ls(self) -> list:
-        "Names in this folder (on an object store: the next part of the keys under it); [] where there is none"
-        try:
-            if self.local: return os.listdir(self.path)
-            self.fs.invalidate_cache(self.path)
-            return [p.rstrip('/').rsplit('/', 1)[-1] for p in self.fs.ls(self.path, detail=False)]
-        except (FileNotFoundError, NotADirectoryError): return []
-
-    def remove(self):
-        "Delete this file"
-        if self.local: os.remove(self.path)
-        else: self.fs.rm_file(self.path)
-
-    def write(self, data, # Bytes, or a list of bytes-like buffers written one after the other
-              fsync:bool=True, # Local: fsync the file and its folder
-              exclusive:bool=False, # Fail with `FileExistsError` where the file exists (an object store's conditional PUT)
-             ):
-        "Write this file whole: locally through a temporary name renamed into place, on an object store with one PUT"
-        if self.local: return _write_atomic(Path(self.path), data, fsync)
-        data = data if isinstance(data, (bytes, bytearray)) else b''.join(data)
-        if not exclusive: return self.fs.pipe_file(self.path, data)
-        try: return self.fs.pipe_file(self.path, data, mode='create')
-        except (TypeError, NotImplementedError, ValueError): pass      # a backend without exclusive writes
-        if self.fs.exists(self.path): raise FileExistsError(errno.EEXIST, 'exists', self.url)
-        return self.fs.pipe_file(self.path, data)
+# %% ../nbs/01_store.ipynb #cb5387e1
+@patch
+def write(self:Location, data, # Bytes, or a list of bytes-like buffers written one after the other
+          fsync:bool=True, # Local: fsync the file and its folder
+          exclusive:bool=False, # Fail with `FileExistsError` where the file exists (an object store's conditional PUT)
+         ):
+    "Write this file whole: locally through a temporary name renamed into place, on an object store with one PUT"
+    if self.local: return _write_atomic(Path(self.path), data, fsync)
+    data = data if isinstance(data, (bytes, bytearray)) else b''.join(data)
+    if not exclusive: return self.fs.pipe_file(self.path, data)
+    try: return self.fs.pipe_file(self.path, data, mode='create')
+    except (TypeError, NotImplementedError, ValueError): pass      # a backend without exclusive writes
+    if self.fs.exists(self.path): raise FileExistsError(errno.EEXIST, 'exists', self.url)
+    return self.fs.pipe_file(self.path, data)
 
 # %% ../nbs/01_store.ipynb #835fb261
 MODES = ('train', 'valid', 'predict')
@@ -393,107 +405,6 @@ class SnapshotWriter:
         else: self._put(record, tensors, ready, nbytes)
         return True
 
-    def _raise_error(self, broken:bool=True):
-        "Raise the error of a background write here, in the caller's thread, once; then, with `broken`, that the run is broken"
-        if self._error is not None:
-            e,self._error = self._error,None
-            raise e
-        if broken and self._broken is not None:
-            raise OSError(f"an earlier write to {str(self.path)!r} failed ({self._broken}); the run cannot be continued")
-
-    def _has_room(self, nbytes:int) -> bool:
-        with self._cv: return not self._queue or self._queued + nbytes <= self.queue_bytes
-
-    def _drop(self, mode, step, nbytes) -> bool:
-        "Leave out a step the full queue has no room for: a warning the first time, a count in the end marker"
-        self.dropped.append((mode, step))
-        if len(self.dropped) == 1:
-            warnings.warn(f"SnapshotWriter: the queue to {str(self.path)!r} is full ({self._queued:,} bytes waiting, "
-                          f"queue_bytes={self.queue_bytes:,}): {mode} step {step} ({nbytes:,} bytes) is dropped (when_full='drop'), "
-                          "and so is every step that finds it full; storage is slower than the steps come. Raise queue_bytes=, "
-                          "save less, or pass when_full='block' to wait instead")
-        return False
-
-    def _put(self, record, tensors, ready, nbytes):
-        "Hand a step to the background writer: wait for room in the queue first (one step always fits in an empty one)"
-        with self._cv:
-            while self._queue and self._queued + nbytes > self.queue_bytes and self._error is None: self._cv.wait()
-            if self._error is None:
-                self._queue.append((record, tensors, ready, nbytes)); self._queued += nbytes
-                self.max_queued = max(self.max_queued, self._queued)
-                if self._worker is None:
-                    self._worker = threading.Thread(target=self._work, name='SnapshotWriter', daemon=True)
-                    self._worker.start()
-        self._raise_error()
-
-    def _work(self):
-        "The background writer: the queued steps in order; on an error, keep it for the caller and drop the rest"
-        while True:
-            with self._cv:
-                if not self._queue: self._worker = None; self._cv.notify_all(); return
-                record,tensors,ready,nbytes = self._queue[0]
-            try: self._write(record, tensors, ready)
-            except BaseException as e:
-                with self._cv:
-                    self._error,self._worker,self._queued = e,None,0
-                    self._queue.clear(); self._cv.notify_all()
-                return
-            with self._cv:
-                self._queue.popleft(); self._queued -= nbytes; self._cv.notify_all()
-            del record,tensors,ready              # the queue's memory goes as soon as a step is written
-
-    def _drain(self):
-        "Wait until every queued step is written; raise a background error here"
-        with self._cv:
-            while self._worker is not None: self._cv.wait()
-        self._raise_error(broken=False)
-
-    def _write(self, record, tensors, ready):
-        "Write a step's file, then its index record: in this order, so that readers list whole steps only"
-        if self._broken is not None:
-            raise OSError(f"an earlier write to {str(self.path)!r} failed ({self._broken}); the run cannot be continued")
-        try:
-            if ready is not None: ready.synchronize()
-            if tensors: self._write_file(record, tensors)
-            self._commit(record)
-        except BaseException as e:
-            self._broken = e; raise
-
-    def _write_file(self, record, tensors):
-        bufs = _safetensors_buffers(tensors, dict(mode=record['mode'], step=str(record['step'])))
-        f = self.loc/record['file']
-        if f.local: os.makedirs(os.path.dirname(f.path), exist_ok=True)
-        try: f.write(bufs, self.fsync)
-        except OSError as e:
-            if f.local: raise
-            raise OSError(f"could not write {f.url!r}: {type(e).__name__}: {e}") from e
-        record['bytes'] = sum(len(b) for b in bufs)
-        self.n_bytes += record['bytes']
-
-    def _commit(self, record):
-        "List `record`: a line appended to `index.jsonl` (local), an object of its own (object stores)"
-        record['time'] = time.time()                   # when the step landed: a follower's latency is measured from it
-        line = (json.dumps(record, separators=(',', ':')) + '\n').encode()
-        if self.index == 'jsonl': self._append_index(line)
-        else:
-            n = self.n_records
-            (self.loc/_INDEX_DIR/f'{n:09d}.json').write(line)
-            self._block.append(line)
-            if len(self._block) == _BLOCK:             # the last _BLOCK records again, in one object, for readers catching up
-                (self.loc/_INDEX_DIR/_block_name(n + 1 - _BLOCK)).write(b''.join(self._block)); self._block = []
-        self.n_records += 1
-
-    def _append_index(self, line:bytes):
-        "Append `line` to the index as one complete line, written by a single `os.write`, then fsynced"
-        fd = os.open((self.loc/_INDEX_FILE).path, os.O_WRONLY|os.O_APPEND)
-        try:
-            n = os.write(fd, line)
-            if n != len(line):
-                raise OSError(errno.ENOSPC, f"only {n} of {len(line)} bytes of an index line were written to "
-                              f"{(self.loc/_INDEX_FILE).url!r} (disk full?); readers skip the partial line")
-            if self.fsync: os.fsync(fd)
-        finally: os.close(fd)
-
     def flush(self):
         "Wait until every step handed over is written (and raise a write error, if any)"
         self._drain()
@@ -518,6 +429,121 @@ class SnapshotWriter:
     def __enter__(self): return self
     def __exit__(self, exc_type, *args): self.close(ended=exc_type is None)
     def __repr__(self): return f"SnapshotWriter({str(self.path)!r}, {len(self.parts)} step parts, {self.n_bytes:,} bytes)"
+
+# %% ../nbs/01_store.ipynb #9604620f
+@patch
+def _has_room(self:SnapshotWriter, nbytes:int) -> bool:
+    with self._cv: return not self._queue or self._queued + nbytes <= self.queue_bytes
+
+@patch
+def _drop(self:SnapshotWriter, mode, step, nbytes) -> bool:
+    "Leave out a step the full queue has no room for: a warning the first time, a count in the end marker"
+    self.dropped.append((mode, step))
+    if len(self.dropped) == 1:
+        warnings.warn(f"SnapshotWriter: the queue to {str(self.path)!r} is full ({self._queued:,} bytes waiting, "
+                      f"queue_bytes={self.queue_bytes:,}): {mode} step {step} ({nbytes:,} bytes) is dropped (when_full='drop'), "
+                      "and so is every step that finds it full; storage is slower than the steps come. Raise queue_bytes=, "
+                      "save less, or pass when_full='block' to wait instead")
+    return False
+
+@patch
+def _put(self:SnapshotWriter, record, tensors, ready, nbytes):
+    "Hand a step to the background writer: wait for room in the queue first (one step always fits in an empty one)"
+    with self._cv:
+        while self._queue and self._queued + nbytes > self.queue_bytes and self._error is None: self._cv.wait()
+        if self._error is None:
+            self._queue.append((record, tensors, ready, nbytes)); self._queued += nbytes
+            self.max_queued = max(self.max_queued, self._queued)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name='SnapshotWriter', daemon=True)
+                self._worker.start()
+    self._raise_error()
+
+# %% ../nbs/01_store.ipynb #f76a6d70
+@patch
+def _work(self:SnapshotWriter):
+    "The background writer: the queued steps in order; on an error, keep it for the caller and drop the rest"
+    while True:
+        with self._cv:
+            if not self._queue: self._worker = None; self._cv.notify_all(); return
+            record,tensors,ready,nbytes = self._queue[0]
+        try: self._write(record, tensors, ready)
+        except BaseException as e:
+            with self._cv:
+                self._error,self._worker,self._queued = e,None,0
+                self._queue.clear(); self._cv.notify_all()
+            return
+        with self._cv:
+            self._queue.popleft(); self._queued -= nbytes; self._cv.notify_all()
+        del record,tensors,ready              # the queue's memory goes as soon as a step is written
+
+@patch
+def _drain(self:SnapshotWriter):
+    "Wait until every queued step is written; raise a background error here"
+    with self._cv:
+        while self._worker is not None: self._cv.wait()
+    self._raise_error(broken=False)
+
+@patch
+def _raise_error(self:SnapshotWriter, broken:bool=True):
+    "Raise the error of a background write here, in the caller's thread, once; then, with `broken`, that the run is broken"
+    if self._error is not None:
+        e,self._error = self._error,None
+        raise e
+    if broken and self._broken is not None:
+        raise OSError(f"an earlier write to {str(self.path)!r} failed ({self._broken}); the run cannot be continued")
+
+# %% ../nbs/01_store.ipynb #58672be9
+@patch
+def _write(self:SnapshotWriter, record, tensors, ready):
+    "Write a step's file, then its index record: in this order, so that readers list whole steps only"
+    if self._broken is not None:
+        raise OSError(f"an earlier write to {str(self.path)!r} failed ({self._broken}); the run cannot be continued")
+    try:
+        if ready is not None: ready.synchronize()
+        if tensors: self._write_file(record, tensors)
+        self._commit(record)
+    except BaseException as e:
+        self._broken = e; raise
+
+@patch
+def _write_file(self:SnapshotWriter, record, tensors):
+    bufs = _safetensors_buffers(tensors, dict(mode=record['mode'], step=str(record['step'])))
+    f = self.loc/record['file']
+    if f.local: os.makedirs(os.path.dirname(f.path), exist_ok=True)
+    try: f.write(bufs, self.fsync)
+    except OSError as e:
+        if f.local: raise
+        raise OSError(f"could not write {f.url!r}: {type(e).__name__}: {e}") from e
+    record['bytes'] = sum(len(b) for b in bufs)
+    self.n_bytes += record['bytes']
+
+# %% ../nbs/01_store.ipynb #64a1879d
+@patch
+def _commit(self:SnapshotWriter, record):
+    "List `record`: a line appended to `index.jsonl` (local), an object of its own (object stores)"
+    record['time'] = time.time()                   # when the step landed: a follower's latency is measured from it
+    line = (json.dumps(record, separators=(',', ':')) + '\n').encode()
+    if self.index == 'jsonl': self._append_index(line)
+    else:
+        n = self.n_records
+        (self.loc/_INDEX_DIR/f'{n:09d}.json').write(line)
+        self._block.append(line)
+        if len(self._block) == _BLOCK:             # the last _BLOCK records again, in one object, for readers catching up
+            (self.loc/_INDEX_DIR/_block_name(n + 1 - _BLOCK)).write(b''.join(self._block)); self._block = []
+    self.n_records += 1
+
+@patch
+def _append_index(self:SnapshotWriter, line:bytes):
+    "Append `line` to the index as one complete line, written by a single `os.write`, then fsynced"
+    fd = os.open((self.loc/_INDEX_FILE).path, os.O_WRONLY|os.O_APPEND)
+    try:
+        n = os.write(fd, line)
+        if n != len(line):
+            raise OSError(errno.ENOSPC, f"only {n} of {len(line)} bytes of an index line were written to "
+                          f"{(self.loc/_INDEX_FILE).url!r} (disk full?); readers skip the partial line")
+        if self.fsync: os.fsync(fd)
+    finally: os.close(fd)
 
 # %% ../nbs/01_store.ipynb #9b40d7e6
 def _block_name(first:int) -> str: return f'{first:09d}-{first+_BLOCK-1:09d}.jsonl'
@@ -643,228 +669,12 @@ class Trial:
         self._pos,self._line,self._next,self._probe,self._last,self._read_at = 0,0,0,1,None,None
         self.refresh()
 
-    def refresh(self):
-        "Read what was added to the index since the last read, and the end marker"
-        self._read_at = time.monotonic()
-        end = None
-        if self.end is None:                           # looked at before the index: then the index read below is all there
-            try: end = (self.loc/_END_FILE).read()
-            except FileNotFoundError: pass
-        if self._kind == 'objects':
-            if self.end is None or self._next < self.end.get('records', float('inf')): self._read_objects()
-        else: self._read_lines()
-        if end is not None: self.end = json.loads(end)
-        return self
-
-    def _auto_refresh(self):
-        "Refresh, unless the last read is less than `refresh_every` seconds old"
-        if self._read_at is None or time.monotonic() - self._read_at >= self.refresh_every: self.refresh()
-
-    def _add(self, rec:dict):
-        self._recs.setdefault(rec['mode'], {}).setdefault(rec['step'], []).append(rec)
-        for n in rec['names']: self._names.setdefault(n, None)
-        self._last = rec
-
-    def _after(self) -> str: return f"after {_where(self._last)}" if self._last else "before the first record"
-
-    def _torn(self, where:str, what:bytes):
-        "Warn (once) that the end of the index is not a whole record: skipped, the steps before it read"
-        if where in self._warned: return
-        self._warned.add(where)
-        n = sum(len(d) for d in self._recs.values())
-        warnings.warn(f"{where} is not a whole index record ({what[:60]!r}...), {self._after()}: skipped. A writer killed while "
-                      f"writing it leaves this; the run's {n} step{'' if n == 1 else 's'} before it read")
-
-    def _read_lines(self):
-        "New lines of `index.jsonl`: records are added, garbled lines at its end skipped with a warning, garbled lines before a record an error"
-        f = self.loc/_INDEX_FILE
-        try:
-            if not f.local and f.size() <= self._pos: return
-            data = f.read(self._pos)
-        except FileNotFoundError: return               # a run that is just starting: run.json is written first
-        *lines,tail = data.split(b'\n')
-        used,n_used,bad = 0,0,None
-        for i,line in enumerate(lines):
-            no = self._line + i + 1                    # its line number in the file
-            rec = _index_record(line) if line.strip() else {}
-            if rec is None:
-                if bad is None: bad = (no, line)
-                continue
-            if bad is not None:
-                raise CorruptSnapshot(f"line {bad[0]} of {f.url!r} is not an index record ({bad[1][:60]!r}...), {self._after()} and "
-                                      f"before {_where(rec) if rec else 'an empty line'} (line {no}): the index is damaged inside, "
-                                      "not only at its end")
-            if rec: self._add(rec)
-            used += len(line) + 1; n_used += 1
-        self._pos += used; self._line += n_used
-        if bad is not None: self._torn(f"line {bad[0]} of {f.url!r}", bad[1])
-        elif tail.strip(): self._torn(f"the last line ({self._line + 1}) of {f.url!r}, which has no newline,", tail)
-
-    def _read_objects(self):
-        "New index objects, record by record in order of their numbers (or 256 at once); a garbled last one skipped with a warning"
-        d = self.loc/_INDEX_DIR
-        while True:
-            n = self._next
-            if n % _BLOCK == 0:
-                try: recs = [_index_record(l) for l in (d/_block_name(n)).read().split(b'\n')[:-1]]
-                except FileNotFoundError: recs = None
-                if recs is not None and len(recs) == _BLOCK and all(recs):
-                    for r in recs: self._add(r)
-                    self._next += _BLOCK; continue
-            k = min(self._probe, _BLOCK - n % _BLOCK)
-            names = [f'{i:09d}.json' for i in range(n, n + k)]
-            got = d.read_many(names)
-            for name in names:
-                if name not in got: break
-                rec = _index_record(got[name])
-                if rec is None:
-                    nxt = f'{int(name[:9]) + 1:09d}.json'
-                    if nxt in got or d.read_many([nxt]):
-                        raise CorruptSnapshot(f"{(d/name).url!r} is not an index record ({got[name][:60]!r}...), {self._after()}, but "
-                                              "records after it exist: the index is damaged inside, not only at its end")
-                    self._torn(repr((d/name).url), got[name]); return
-                self._add(rec); self._next += 1
-            found = self._next - n
-            self._probe = min(2*self._probe, 64) if found == k else 1     # a run being caught up: more at once
-            if found < k: return
-
     @property
     def loaded_all_steps(self) -> bool:
         "True when the run ended normally (end marker written) and every one of its steps has been read"
         self.refresh()
         if self.end is None: return False
         return all(len(self._recs.get(m, {})) == n for m,n in self.end['steps'].items())
-
-    def modes(self) -> list:
-        "Modes that have steps"
-        self._auto_refresh()
-        return [m for m in MODES if self._recs.get(m)]
-
-    def steps(self, mode:str=None) -> list:
-        "Sorted steps of `mode`; with `mode=None` the steps of all modes (each mode counts its own steps)"
-        self._auto_refresh()
-        if mode is None: return sorted({s for d in self._recs.values() for s in d})
-        return sorted(self._recs.get(_check_mode(mode), {}))
-
-    def _step_recs(self, step, mode):
-        recs = self._recs.get(_check_mode(mode), {}).get(step)
-        if recs is None:
-            if self._recs.get(mode): have = f"{mode} steps: {_abbrev(self.steps(mode))}"
-            else: have = f"no {mode} steps at all (modes with steps: {self.modes()})"
-            more = "" if self.end else "; the run has no end marker, so it may still be written (see `wait_for_steps`)"
-            raise StepUnavailable(f"no {mode} step {step!r} in {str(self.path)!r}: {have}{more}")
-        return recs
-
-    def _read_file(self, rec:dict, names:list, device='cpu') -> dict:
-        "`{name: tensor}` of `names` from the file of index record `rec`; an error naming the step and the file where it is damaged"
-        f = self.loc/rec['file']
-        try:
-            if f.local:
-                with safe_open(f.path, framework='pt', device=str(device)) as sf: return {n: sf.get_tensor(n) for n in names}
-            return {n: t.to(device) for n,t in _read_remote(f, names, self._headers).items()}
-        except FileNotFoundError:
-            raise CorruptSnapshot(f"{_where(rec)} of {str(self.path)!r} is listed, but its file {rec['file']!r} is missing") from None
-        except (SafetensorError, ValueError) as e:
-            try: size = f.size()
-            except OSError: size = None
-            want = rec.get('bytes')
-            how = (f"is {size:,} bytes where it was written with {want:,}: cut short" if size is not None and want and size < want
-                   else "does not read as safetensors")
-            raise CorruptSnapshot(f"{_where(rec)} of {str(self.path)!r} cannot be read: its file {rec['file']!r} {how} "
-                                  f"({type(e).__name__}: {e}); the run's other steps read") from None
-
-    def tensor_names(self, regex:str=None, # Keep names where this regex is found (`name_matches`: `re.search`)
-                     step:int=None, # Names at this step only; None: at any step
-                     mode:str=None, # Names in this mode only ('train' if only `step` is given); None: all modes
-                    ) -> list:
-        "Names of the tensors saved, in the order they were first written"
-        self._auto_refresh()
-        if step is not None: names = [n for r in self._step_recs(step, mode or 'train') for n in r['names']]
-        elif mode is not None:
-            names = list(dict.fromkeys(n for rs in self._recs.get(_check_mode(mode), {}).values() for r in rs for n in r['names']))
-        else: names = list(self._names)
-        if regex is not None: names = [n for n in names if name_matches(regex, n)]
-        return names
-
-    def tensor(self, name:str) -> TrialTensor:
-        "The saved tensor `name`: `.steps(mode)`, `.value(step, mode)`"
-        self._auto_refresh()
-        if name not in self._names:
-            names = list(self._names)
-            close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-            msg = f"no tensor {name!r} in {str(self.path)!r}."
-            if close: msg += f" Closest names: {close}."
-            msg += f" It has {len(names)} names, e.g. {names[:6]}; see `tensor_names(regex)`."
-            if not self.end: msg += " The run has no end marker: names may still appear."
-            raise TensorUnavailable(msg)
-        return TrialTensor(self, name)
-
-    def _tensor_steps(self, name, mode=None):
-        self._auto_refresh()
-        modes = MODES if mode is None else [_check_mode(mode)]
-        return sorted({s for m in modes for s,rs in self._recs.get(m, {}).items() if any(name in r['names'] for r in rs)})
-
-    def _locate(self, name, step, mode):
-        "The index record of the file that holds `name` at `step` of `mode`"
-        self._auto_refresh()
-        for r in self._step_recs(step, mode):
-            if name in r['names']: return r
-        raise TensorUnavailableForStep(f"tensor {name!r} was not saved at {mode} step {step}; it was at {mode} steps "
-                         f"{_abbrev(self._tensor_steps(name, mode))} (all modes: {self._modes_of(name)})")
-
-    def _modes_of(self, name): return [m for m in MODES if self._tensor_steps(name, m)]
-
-    def step_info(self, step:int, mode:str='train') -> dict:
-        "Epoch, iteration, when it landed (`time`), names, shapes, dtypes, files, their `bytes` and metadata of `step` of `mode` (its parts merged)"
-        self._auto_refresh()
-        recs = self._step_recs(step, mode)
-        res = dict(mode=mode, step=step, epoch=recs[0]['epoch'], iteration=recs[0]['iteration'],
-                   time=max(r.get('time', 0.) for r in recs), names=[], shapes=[], dtypes=[], files=[],
-                   bytes=sum(r.get('bytes', 0) for r in recs), meta={})
-        for r in recs:
-            for k in ('names', 'shapes', 'dtypes'): res[k] += r[k]
-            if r['file']: res['files'].append(r['file'])
-            res['meta'].update(r['meta'])
-        return res
-
-    def tensors(self, step:int, mode:str='train', # The step and its mode
-                names=None, # The names to read; None: every tensor of the step
-                device='cpu') -> dict:
-        "`{name: tensor}` of `step` of `mode`, each of its files opened once"
-        self._auto_refresh()
-        recs,want = self._step_recs(step, mode),None if names is None else list(names)
-        res = {}
-        for r in recs:
-            ks = [n for n in r['names'] if want is None or n in want]
-            if ks and r['file']: res.update(self._read_file(r, ks, device))
-        if want is None: return res
-        if missing := [n for n in want if n not in res]:
-            raise TensorUnavailableForStep(f"{_abbrev(missing, 6)} not saved at {mode} step {step} of {str(self.path)!r}; "
-                                           f"it holds {_abbrev(self.tensor_names(step=step, mode=mode), 8)}")
-        return {n: res[n] for n in want}
-
-    def meta(self, step:int, mode:str='train') -> dict:
-        "The JSON metadata written with `step` of `mode`"
-        return self.step_info(step, mode)['meta']
-
-    def wait_for_steps(self, steps, # A step or a list of steps
-                       mode:str='train', timeout:float=None, # Seconds; None: until the steps exist or the run ends
-                       poll:float=0.05, # Seconds between looks at the index
-                      ) -> list:
-        "Wait until `steps` of `mode` can be read; `TimeoutError` after `timeout` s, `ValueError` if the run ends without them"
-        want = sorted({int(s) for s in (steps if hasattr(steps, '__iter__') else [steps])})
-        t0 = time.monotonic()
-        while True:
-            have = set(self.refresh().steps(mode))
-            missing = [s for s in want if s not in have]
-            if not missing: return want
-            if self.end is not None:
-                raise ValueError(f"the run in {str(self.path)!r} ended without {mode} steps {_abbrev(missing)}; "
-                                 f"it has {_abbrev(sorted(have))}")
-            if timeout is not None and time.monotonic() - t0 > timeout:
-                raise TimeoutError(f"waited {timeout} s for {mode} steps {_abbrev(missing)} in {str(self.path)!r}; "
-                                   f"it has {_abbrev(sorted(have))}")
-            time.sleep(poll)
 
     def __getattr__(self, k):
         if k in _REPLAY: raise AttributeError(f"Trial.{k} comes with fastai_saliency.replay: import it, or fastai_saliency.all")
@@ -875,6 +685,249 @@ class Trial:
         counts = ', '.join(f"{m}: {len(self._recs[m])} steps" for m in self.modes()) or 'no steps'
         runs = f", newest of {len(self.runs)} runs" if len(self.runs) > 1 else ""
         return f"Trial({str(self.path)!r}{runs}, {counts}, {'ended' if self.end else 'no end marker (running or interrupted)'})"
+
+# %% ../nbs/01_store.ipynb #9048ed0a
+@patch
+def refresh(self:Trial):
+    "Read what was added to the index since the last read, and the end marker"
+    self._read_at = time.monotonic()
+    end = None
+    if self.end is None:                           # looked at before the index: then the index read below is all there
+        try: end = (self.loc/_END_FILE).read()
+        except FileNotFoundError: pass
+    if self._kind == 'objects':
+        if self.end is None or self._next < self.end.get('records', float('inf')): self._read_objects()
+    else: self._read_lines()
+    if end is not None: self.end = json.loads(end)
+    return self
+
+@patch
+def _auto_refresh(self:Trial):
+    "Refresh, unless the last read is less than `refresh_every` seconds old"
+    if self._read_at is None or time.monotonic() - self._read_at >= self.refresh_every: self.refresh()
+
+# %% ../nbs/01_store.ipynb #30d86b99
+@patch
+def _add(self:Trial, rec:dict):
+    self._recs.setdefault(rec['mode'], {}).setdefault(rec['step'], []).append(rec)
+    for n in rec['names']: self._names.setdefault(n, None)
+    self._last = rec
+
+@patch
+def _after(self:Trial) -> str: return f"after {_where(self._last)}" if self._last else "before the first record"
+
+@patch
+def _torn(self:Trial, where:str, what:bytes):
+    "Warn (once) that the end of the index is not a whole record: skipped, the steps before it read"
+    if where in self._warned: return
+    self._warned.add(where)
+    n = sum(len(d) for d in self._recs.values())
+    warnings.warn(f"{where} is not a whole index record ({what[:60]!r}...), {self._after()}: skipped. A writer killed while "
+                  f"writing it leaves this; the run's {n} step{'' if n == 1 else 's'} before it read")
+
+@patch
+def _read_lines(self:Trial):
+    "New lines of `index.jsonl`: records are added, garbled lines at its end skipped with a warning, garbled lines before a record an error"
+    f = self.loc/_INDEX_FILE
+    try:
+        if not f.local and f.size() <= self._pos: return
+        data = f.read(self._pos)
+    except FileNotFoundError: return               # a run that is just starting: run.json is written first
+    *lines,tail = data.split(b'\n')
+    used,n_used,bad = 0,0,None
+    for i,line in enumerate(lines):
+        no = self._line + i + 1                    # its line number in the file
+        rec = _index_record(line) if line.strip() else {}
+        if rec is None:
+            if bad is None: bad = (no, line)
+            continue
+        if bad is not None:
+            raise CorruptSnapshot(f"line {bad[0]} of {f.url!r} is not an index record ({bad[1][:60]!r}...), {self._after()} and "
+                                  f"before {_where(rec) if rec else 'an empty line'} (line {no}): the index is damaged inside, "
+                                  "not only at its end")
+        if rec: self._add(rec)
+        used += len(line) + 1; n_used += 1
+    self._pos += used; self._line += n_used
+    if bad is not None: self._torn(f"line {bad[0]} of {f.url!r}", bad[1])
+    elif tail.strip(): self._torn(f"the last line ({self._line + 1}) of {f.url!r}, which has no newline,", tail)
+
+# %% ../nbs/01_store.ipynb #845d8b51
+@patch
+def _read_objects(self:Trial):
+    "New index objects, record by record in order of their numbers (or 256 at once); a garbled last one skipped with a warning"
+    d = self.loc/_INDEX_DIR
+    while True:
+        n = self._next
+        if n % _BLOCK == 0:
+            try: recs = [_index_record(l) for l in (d/_block_name(n)).read().split(b'\n')[:-1]]
+            except FileNotFoundError: recs = None
+            if recs is not None and len(recs) == _BLOCK and all(recs):
+                for r in recs: self._add(r)
+                self._next += _BLOCK; continue
+        k = min(self._probe, _BLOCK - n % _BLOCK)
+        names = [f'{i:09d}.json' for i in range(n, n + k)]
+        got = d.read_many(names)
+        for name in names:
+            if name not in got: break
+            rec = _index_record(got[name])
+            if rec is None:
+                nxt = f'{int(name[:9]) + 1:09d}.json'
+                if nxt in got or d.read_many([nxt]):
+                    raise CorruptSnapshot(f"{(d/name).url!r} is not an index record ({got[name][:60]!r}...), {self._after()}, but "
+                                          "records after it exist: the index is damaged inside, not only at its end")
+                self._torn(repr((d/name).url), got[name]); return
+            self._add(rec); self._next += 1
+        found = self._next - n
+        self._probe = min(2*self._probe, 64) if found == k else 1     # a run being caught up: more at once
+        if found < k: return
+
+# %% ../nbs/01_store.ipynb #e8fdc590
+@patch
+def modes(self:Trial) -> list:
+    "Modes that have steps"
+    self._auto_refresh()
+    return [m for m in MODES if self._recs.get(m)]
+
+@patch
+def steps(self:Trial, mode:str=None) -> list:
+    "Sorted steps of `mode`; with `mode=None` the steps of all modes (each mode counts its own steps)"
+    self._auto_refresh()
+    if mode is None: return sorted({s for d in self._recs.values() for s in d})
+    return sorted(self._recs.get(_check_mode(mode), {}))
+
+# %% ../nbs/01_store.ipynb #1be01a50
+@patch
+def tensor_names(self:Trial, regex:str=None, # Keep names where this regex is found (`name_matches`: `re.search`)
+                 step:int=None, # Names at this step only; None: at any step
+                 mode:str=None, # Names in this mode only ('train' if only `step` is given); None: all modes
+                ) -> list:
+    "Names of the tensors saved, in the order they were first written"
+    self._auto_refresh()
+    if step is not None: names = [n for r in self._step_recs(step, mode or 'train') for n in r['names']]
+    elif mode is not None:
+        names = list(dict.fromkeys(n for rs in self._recs.get(_check_mode(mode), {}).values() for r in rs for n in r['names']))
+    else: names = list(self._names)
+    if regex is not None: names = [n for n in names if name_matches(regex, n)]
+    return names
+
+@patch
+def tensor(self:Trial, name:str) -> TrialTensor:
+    "The saved tensor `name`: `.steps(mode)`, `.value(step, mode)`"
+    self._auto_refresh()
+    if name not in self._names:
+        names = list(self._names)
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        msg = f"no tensor {name!r} in {str(self.path)!r}."
+        if close: msg += f" Closest names: {close}."
+        msg += f" It has {len(names)} names, e.g. {names[:6]}; see `tensor_names(regex)`."
+        if not self.end: msg += " The run has no end marker: names may still appear."
+        raise TensorUnavailable(msg)
+    return TrialTensor(self, name)
+
+@patch
+def _tensor_steps(self:Trial, name, mode=None):
+    self._auto_refresh()
+    modes = MODES if mode is None else [_check_mode(mode)]
+    return sorted({s for m in modes for s,rs in self._recs.get(m, {}).items() if any(name in r['names'] for r in rs)})
+
+@patch
+def _locate(self:Trial, name, step, mode):
+    "The index record of the file that holds `name` at `step` of `mode`"
+    self._auto_refresh()
+    for r in self._step_recs(step, mode):
+        if name in r['names']: return r
+    raise TensorUnavailableForStep(f"tensor {name!r} was not saved at {mode} step {step}; it was at {mode} steps "
+                     f"{_abbrev(self._tensor_steps(name, mode))} (all modes: {self._modes_of(name)})")
+
+@patch
+def _modes_of(self:Trial, name): return [m for m in MODES if self._tensor_steps(name, m)]
+
+# %% ../nbs/01_store.ipynb #aae758c1
+@patch
+def _step_recs(self:Trial, step, mode):
+    recs = self._recs.get(_check_mode(mode), {}).get(step)
+    if recs is None:
+        if self._recs.get(mode): have = f"{mode} steps: {_abbrev(self.steps(mode))}"
+        else: have = f"no {mode} steps at all (modes with steps: {self.modes()})"
+        more = "" if self.end else "; the run has no end marker, so it may still be written (see `wait_for_steps`)"
+        raise StepUnavailable(f"no {mode} step {step!r} in {str(self.path)!r}: {have}{more}")
+    return recs
+
+@patch
+def _read_file(self:Trial, rec:dict, names:list, device='cpu') -> dict:
+    "`{name: tensor}` of `names` from the file of index record `rec`; an error naming the step and the file where it is damaged"
+    f = self.loc/rec['file']
+    try:
+        if f.local:
+            with safe_open(f.path, framework='pt', device=str(device)) as sf: return {n: sf.get_tensor(n) for n in names}
+        return {n: t.to(device) for n,t in _read_remote(f, names, self._headers).items()}
+    except FileNotFoundError:
+        raise CorruptSnapshot(f"{_where(rec)} of {str(self.path)!r} is listed, but its file {rec['file']!r} is missing") from None
+    except (SafetensorError, ValueError) as e:
+        try: size = f.size()
+        except OSError: size = None
+        want = rec.get('bytes')
+        how = (f"is {size:,} bytes where it was written with {want:,}: cut short" if size is not None and want and size < want
+               else "does not read as safetensors")
+        raise CorruptSnapshot(f"{_where(rec)} of {str(self.path)!r} cannot be read: its file {rec['file']!r} {how} "
+                              f"({type(e).__name__}: {e}); the run's other steps read") from None
+
+@patch
+def step_info(self:Trial, step:int, mode:str='train') -> dict:
+    "Epoch, iteration, when it landed (`time`), names, shapes, dtypes, files, their `bytes` and metadata of `step` of `mode` (its parts merged)"
+    self._auto_refresh()
+    recs = self._step_recs(step, mode)
+    res = dict(mode=mode, step=step, epoch=recs[0]['epoch'], iteration=recs[0]['iteration'],
+               time=max(r.get('time', 0.) for r in recs), names=[], shapes=[], dtypes=[], files=[],
+               bytes=sum(r.get('bytes', 0) for r in recs), meta={})
+    for r in recs:
+        for k in ('names', 'shapes', 'dtypes'): res[k] += r[k]
+        if r['file']: res['files'].append(r['file'])
+        res['meta'].update(r['meta'])
+    return res
+
+@patch
+def tensors(self:Trial, step:int, mode:str='train', # The step and its mode
+            names=None, # The names to read; None: every tensor of the step
+            device='cpu') -> dict:
+    "`{name: tensor}` of `step` of `mode`, each of its files opened once"
+    self._auto_refresh()
+    recs,want = self._step_recs(step, mode),None if names is None else list(names)
+    res = {}
+    for r in recs:
+        ks = [n for n in r['names'] if want is None or n in want]
+        if ks and r['file']: res.update(self._read_file(r, ks, device))
+    if want is None: return res
+    if missing := [n for n in want if n not in res]:
+        raise TensorUnavailableForStep(f"{_abbrev(missing, 6)} not saved at {mode} step {step} of {str(self.path)!r}; "
+                                       f"it holds {_abbrev(self.tensor_names(step=step, mode=mode), 8)}")
+    return {n: res[n] for n in want}
+
+@patch
+def meta(self:Trial, step:int, mode:str='train') -> dict:
+    "The JSON metadata written with `step` of `mode`"
+    return self.step_info(step, mode)['meta']
+
+# %% ../nbs/01_store.ipynb #09e0919c
+@patch
+def wait_for_steps(self:Trial, steps, # A step or a list of steps
+                   mode:str='train', timeout:float=None, # Seconds; None: until the steps exist or the run ends
+                   poll:float=0.05, # Seconds between looks at the index
+                  ) -> list:
+    "Wait until `steps` of `mode` can be read; `TimeoutError` after `timeout` s, `ValueError` if the run ends without them"
+    want = sorted({int(s) for s in (steps if hasattr(steps, '__iter__') else [steps])})
+    t0 = time.monotonic()
+    while True:
+        have = set(self.refresh().steps(mode))
+        missing = [s for s in want if s not in have]
+        if not missing: return want
+        if self.end is not None:
+            raise ValueError(f"the run in {str(self.path)!r} ended without {mode} steps {_abbrev(missing)}; "
+                             f"it has {_abbrev(sorted(have))}")
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"waited {timeout} s for {mode} steps {_abbrev(missing)} in {str(self.path)!r}; "
+                               f"it has {_abbrev(sorted(have))}")
+        time.sleep(poll)
 
 # %% ../nbs/01_store.ipynb #f711d346
 class modes:
