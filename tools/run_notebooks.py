@@ -30,6 +30,7 @@ def _progress(outs) -> list:
     tables = [i for i,h in enumerate(html) if '<th>epoch</th>' in h]
     keep = []
     for i,(o,h) in enumerate(zip(outs, html)):
+        if 'text/html' in o.get('data', {}) and not h.strip(): continue      # an emptied bar: shows as '<IPython...HTML object>'
         if not h or i in tables[-1:]: keep.append(o); continue
         if '<progress' in h or (h.strip().startswith('<style>') and 'progress' in h) or i in tables: continue
         keep.append(o)
