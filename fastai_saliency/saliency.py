@@ -149,14 +149,14 @@ class SaliencyCallback(Callback):
         except Exception: pass
 
 
-# %% ../nbs/07_saliency.ipynb #f2581563
+# %% ../nbs/07_saliency.ipynb #91759762
 @patch(as_prop=True)
 def maps(self:SaliencyCallback) -> Tensor:
     "(frames, probes, H, W) maps in [0,1], float32"
     return torch.stack(self._maps).float() if self._maps else torch.empty(0)
 
 
-# %% ../nbs/07_saliency.ipynb #b7fb4ac1
+# %% ../nbs/07_saliency.ipynb #4bf0a8e7
 @patch(as_prop=True)
 def logits(self:SaliencyCallback) -> Tensor:
     "(frames, probes, classes): the raw outputs of the probes"
@@ -173,7 +173,7 @@ def preds(self:SaliencyCallback) -> Tensor:
     return self.logits.argmax(-1) if self._logits else torch.empty(0, dtype=torch.long)
 
 
-# %% ../nbs/07_saliency.ipynb #9d19456e
+# %% ../nbs/07_saliency.ipynb #7d1d1498
 @patch(as_prop=True)
 def targets(self:SaliencyCallback) -> Tensor:
     "(frames, probes): the class each map explains"
@@ -185,7 +185,7 @@ def epochs(self:SaliencyCallback) -> list:
     return [f['epoch'] for f in self.frames]
 
 
-# %% ../nbs/07_saliency.ipynb #182331e3
+# %% ../nbs/07_saliency.ipynb #aea64104
 @patch
 def _name(self:SaliencyCallback, i) -> str: return str(self.vocab[i]) if self.vocab is not None else str(int(i))
 
@@ -207,7 +207,7 @@ def _check_frames(self:SaliencyCallback):
                                         "maps; fit again, or read them from the snapshot store (store=)")
 
 
-# %% ../nbs/07_saliency.ipynb #a70c87d1
+# %% ../nbs/07_saliency.ipynb #dec7a384
 @patch
 def show_frames(self:SaliencyCallback, probes=None, max_frames:int=6, size:float=1.8, cmap='jet', alpha:float=0.5):
     "A grid, probes by frames (at most `max_frames`, evenly spaced, first and last included); returns the figure"
@@ -221,7 +221,7 @@ def show_frames(self:SaliencyCallback, probes=None, max_frames:int=6, size:float
                             suptitle=f"{self.method_name} of {len(probes)} probes along training")
 
 
-# %% ../nbs/07_saliency.ipynb #bc2465bf
+# %% ../nbs/07_saliency.ipynb #7f8ac177
 @patch
 def animate(self:SaliencyCallback, probes=None, # Which probes (indices into the probe batch); None: all
             ncols:int=None, interval:int=700, size:float=2.0, **kwargs) -> animation.FuncAnimation:
@@ -236,14 +236,14 @@ def animate(self:SaliencyCallback, probes=None, # Which probes (indices into the
                         stats=self.norm, ncols=ncols or min(len(probes), 4), interval=interval, size=size, **kwargs)
 
 
-# %% ../nbs/07_saliency.ipynb #0a614d85
+# %% ../nbs/07_saliency.ipynb #99af5754
 @patch
 def save_gif(self:SaliencyCallback, fname, fps:float=2, dpi:int=80, **kwargs) -> Path:
     "Write the animation (see `animate`) to the GIF `fname`; returns its path"
     return plot.save_gif(self.animate(**kwargs), fname, fps=fps, dpi=dpi)
 
 
-# %% ../nbs/07_saliency.ipynb #0a4e0f0e
+# %% ../nbs/07_saliency.ipynb #830e10a8
 @patch
 def to_html(self:SaliencyCallback, **kwargs) -> str:
     "The animation as HTML with play controls, for notebooks: `IPython.display.HTML(cb.to_html())`"
