@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil, tempfile, warnings, functools
 from pathlib import Path
 import numpy as np
-import torch
+import torch, torch.nn.functional as F
 from torch import nn, Tensor
 import matplotlib.pyplot as plt
 from fastcore.basics import patch, AttrDict
@@ -26,11 +26,12 @@ from .capture import read_capture
 from .monitor import PredictionMonitor, MonitorWarning, check_capture, plot_report
 from .evaluate import pointing_game, valid_boxes
 from .layers import default_layer, layer_name
-from .targets import model_logits, resolve_target, select_output
+from .targets import (model_logits, select_output, Target, Region, fixed_target, output_task, learn_task,
+                                     data_vocab, prediction_titles)
 
 # %% auto #0
-__all__ = ['pixel_stats', 'fgsm', 'box_masks', 'mass_share', 'changed_most', 'map_correlation', 'map_shift', 'flagged_requests',
-           'adversarial_story']
+__all__ = ['pixel_stats', 'attack_output', 'attack_target', 'fgsm', 'label_score', 'box_masks', 'mass_share', 'changed_most',
+           'map_correlation', 'map_shift', 'flagged_requests', 'adversarial_story']
 
 # %% ../nbs/12_adversarial.ipynb #3e09976d
 def pixel_stats(norm, # A fastai `Normalize`, a `(mean, std)` pair (a value per channel, or one for all), or None: `xb` is pixels
@@ -50,17 +51,52 @@ def pixel_stats(norm, # A fastai `Normalize`, a `(mean, std)` pair (a value per 
     if (res[1] <= 0).any(): raise ValueError(f"norm's std must be positive, got {res[1].flatten().tolist()}")
     return tuple(res)
 
+# %% ../nbs/12_adversarial.ipynb #a7c3e100
+def attack_output(out:Tensor, # A model's output (B,...)
+                  task:str, # 'single', 'multi', 'segment' or 'regress'
+                 ) -> Tensor:
+    "`out` as float, read as the task's log-likelihood: log-softmax over the classes (single-label, per pixel for segmentation), log-sigmoid of each label (multi-label), the values (regression)"
+    o = out.float()
+    if task in ('single', 'segment'): return o.log_softmax(1)
+    return F.logsigmoid(o) if task == 'multi' else o
+
+
+# %% ../nbs/12_adversarial.ipynb #a7c3e101
+def attack_target(out:Tensor, # The clean images' output (B,...)
+                  target=None, # What `targets.Target` takes, or a `Target`; a callable may return indices or one score per image
+                  task:str=None, # 'single', 'multi', 'segment', 'regress'; None: the `Target`'s, else from the output's shape
+                  vocab=None, # Class names, for targets given by name
+                 ) -> tuple:
+    "`(task, target, scored)`: `target` fixed per image on the clean output (`fixed_target`); `scored`: its score is read from `attack_output` (False: a callable's own scores)"
+    tgt = Target(target, task, vocab)
+    task,idx = output_task(out, tgt.task),tgt.indices(out)
+    if (idx < 0).any(): return task,tgt,False
+    if callable(tgt.target) and not isinstance(tgt.target, Region): tgt = Target(idx, task, tgt.vocab, tgt.thresh)
+    ft = fixed_target(out, tgt)
+    if task == 'segment':
+        empty = (ft.target.masks(out).flatten(1).sum(1) == 0).nonzero()[:, 0].tolist()
+        if empty and isinstance(tgt.target, Region):
+            raise ValueError(f"the Region's mask or box covers no pixel of image(s) {empty} (output size {tuple(out.shape[-2:])}): "
+                             "give it the pixels to push, in output pixels")
+        if empty:
+            raise ValueError(f"class(es) {idx[empty].tolist()} are predicted on no pixel of image(s) {empty}, so the region to push is "
+                             "empty: pass target=Region(c, mask=...) or Region(c, box=(x1,y1,x2,y2)) naming the pixels to push towards c")
+    return task,ft,True
+
+
 # %% ../nbs/12_adversarial.ipynb #ffaf5082
 def fgsm(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the model expects
-         target, # Untargeted: the classes to move away from (the true ones; None: the predicted ones). Targeted: the classes to move towards. An int, or one per image
+         target, # What to move away from (untargeted: the true classes; None: the predicted ones) or towards (targeted): an int, a class name, one per image, a `Region`, a callable (see `attack_target`)
          eps:float, # The largest change of a pixel, in pixel units (pixels are in [0, 1]): 8/255 is 8 levels of 255
          targeted:bool=False, # Move towards `target` rather than away from it
          steps:int=1, # 1: the fast gradient sign method; more: iterated, each step projected back to the `eps` ball
          step_size:float=None, # The change per step, in pixel units; default: `eps` for one step, else `2.5*eps/steps`
          norm=None, # The data's `Normalize` (`dls_norm(dls)`) or its `(mean, std)`; None: `xb` is pixels in [0, 1]
          output=None, # Where the model returns more than the logits: an index, a key or a callable (see `targets.select_output`)
+         task:str=None, # 'single', 'multi', 'segment', 'regress' (see `targets.Target`); None: from the output's shape
+         vocab=None, # Class names, for targets given by name
         ) -> Tensor:
-    "An adversarial copy of `xb`, normalised like it, on the model's device: each pixel moved at most `eps` along the sign of the loss's gradient, kept in [0, 1]"
+    "An adversarial copy of `xb`, normalised like it, on the model's device: each pixel moved at most `eps` along the sign of the gradient of the target's score (`attack_output`), kept in [0, 1]"
     for k,v in dict(eps=eps, step_size=step_size).items():
         if v is None and k == 'step_size': continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
@@ -79,12 +115,12 @@ def fgsm(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised as the mode
         raise ValueError(f"xb in pixel units spans [{lo:.3g}, {hi:.3g}], not [0, 1]: {how}")
     pix0 = pix0.clamp(0, 1)
     if isinstance(target, Tensor): target = target.as_subclass(Tensor)
-    t = resolve_target(target, model_logits(model, x, output))    # None: the clean predictions, for every step
-    log_probs = lambda out: select_output(out, output).float().log_softmax(1)
+    task,t,scored = attack_target(model_logits(model, x, output), target, task, vocab)    # fixed on the clean output, for every step
+    score_out = (lambda out: attack_output(select_output(out, output), task)) if scored else (lambda out: select_output(out, output))
     step = (eps if steps == 1 else 2.5*eps/steps) if step_size is None else step_size
     pix = pix0.clone()
     for _ in range(steps):
-        g = methods.backprop(model, (pix - mean)/std, target=t, input_grad=True, output=log_probs).input_grad
+        g = methods.backprop(model, (pix - mean)/std, target=t, input_grad=True, output=score_out).input_grad
         pix = pix + (step if targeted else -step)*g.float().sign()
         pix = torch.minimum(torch.maximum(pix, pix0 - eps), pix0 + eps).clamp(0, 1)
     return ((pix - mean)/std).to(xb.dtype)
@@ -98,58 +134,91 @@ def _class_index(vocab, target):
     if target not in names: raise ValueError(f"target {target!r} is not a class of the DataLoaders; they have {names or 'no vocab'}")
     return names.index(target)
 
+# %% ../nbs/12_adversarial.ipynb #a7c3e102
+def label_score(out:Tensor, # The model's output (B,...)
+                ys:Tensor, # The true targets: classes (B,), one-hot labels (B,n), masks (B,H,W), values or points (B,...)
+                task:str, # 'single', 'multi', 'segment' or 'regress'
+               ) -> Tensor:
+    "Minus the task's loss of each image (B,): cross-entropy (summed over pixels), BCE summed over labels, squared error summed over values"
+    o,y = out.float(),torch.as_tensor(ys).as_subclass(Tensor).to(out.device)
+    want = dict(single=o.shape[:1], multi=o.shape, segment=o.shape[:1] + o.shape[2:], regress=None)[task]
+    if (tuple(y.shape) != tuple(want)) if want is not None else y[0].numel() != o[0].numel():
+        how = dict(single='one class per image', multi='one-hot labels', segment='one mask per image', regress='as many values per image')[task]
+        raise ValueError(f"labels of shape {tuple(y.shape)} do not fit the {task!r} output {tuple(o.shape)}: they must be {how}"
+                         + ("" if want is None else f", shape {tuple(want)}"))
+    if task == 'multi': return -F.binary_cross_entropy_with_logits(o, y.float(), reduction='none').flatten(1).sum(1)
+    if task == 'regress': return -(o.flatten(1) - y.flatten(1).float()).square().sum(1)
+    return o.log_softmax(1).gather(1, y.long()[:, None]).flatten(1).sum(1)
+
+
 # %% ../nbs/12_adversarial.ipynb #fee26212
 @patch
 def adversarial(self:Learner, items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
                 eps:float=8/255, # The largest change of a pixel, in pixel units
-                target=None, # None: away from the labels (or predictions); a class (name or index), or one per item: towards it
+                target=None, # None: away from the labels (or predictions); a class (name or index), one per item, a `Region`, an output index: towards it
                 steps:int=1, # 1: FGSM; more: iterated (see `fgsm`)
                 step_size:float=None, n:int=4,
                 output=None, # Where the model returns more than the logits (see `targets.select_output`)
+                targeted:bool=None, # None: towards `target` when one is given; False: away from it (regression: `True` up, `False` down)
                ) -> AttrDict:
-    "Adversarial versions of `items`: the clean batch `x`, `x_adv`, the labels `y` (or None), the attack's `target` and `eps`"
+    "Adversarial versions of `items`: the clean batch `x`, `x_adv`, the labels `y` (or None), the attack's `target` and `eps`, the learner's `task`"
     xb,ys = items_batch(self, items, n)
     ys = None if ys is None else ys.as_subclass(Tensor)
-    targeted = target is not None
-    t = _class_index(getattr(self.dls, 'vocab', None), target) if targeted else ys
-    x_adv = fgsm(unwrap_model(self.model), xb, t, eps, targeted, steps, step_size, dls_norm(self.dls), output)
-    return AttrDict(x=xb.as_subclass(Tensor), x_adv=x_adv, y=ys, target=t, targeted=targeted, eps=eps, steps=steps)
+    task,vocab = learn_task(self),data_vocab(self.dls)
+    if targeted is None: targeted = target is not None
+    if targeted and target is None: raise ValueError("targeted=True needs target=: the class, label, Region or output index to push the items towards")
+    t = _class_index(vocab, target) if target is not None else ys
+    if target is None and ys is not None and task not in (None, 'single'): t = functools.partial(label_score, ys=ys, task=task)
+    x_adv = fgsm(unwrap_model(self.model), xb, t, eps, targeted, steps, step_size, dls_norm(self.dls), output, task=task, vocab=vocab)
+    return AttrDict(x=xb.as_subclass(Tensor), x_adv=x_adv, y=ys, target=_class_index(vocab, target) if target is not None else ys,
+                    targeted=targeted, given=target is not None, eps=eps, steps=steps, task=task)
+
 
 # %% ../nbs/12_adversarial.ipynb #e0a494fc
-def _maps(model, xb, method:str, layer=None, output=None) -> Tensor:
-    "Maps (B,H,W) of `xb` for the predicted classes by `method`: 'gradcam' (at `layer`), 'fullgrad' (no layer) or 'cam'"
-    if method not in methods.METHOD_TITLES: raise ValueError(f"method must be one of {list(methods.METHOD_TITLES)} or None, not {method!r}")
-    return methods.saliency_maps(model, xb, method, None if method == 'fullgrad' else layer, output=output)
+def _maps(model, xb, method:str, layer=None, output=None, target=None) -> Tensor:
+    "Maps (B,H,W) of `xb` for `target` (None: the predicted classes) by `method`: any registered method (`methods.method_names()`), at `layer` where it takes one"
+    m = methods.get_method(method)      # any registered name; an unknown one is an error listing them
+    return methods.saliency_maps(model, xb, method, layer if m.layer else None, target=target, output=output)
+
+# %% ../nbs/12_adversarial.ipynb #a7c3e104
+def _panel_target(learn:Learner, r:AttrDict, task:str) -> Target:
+    "What the panel's maps and titles explain: the task's default (the prediction), or the attacked output of a regression"
+    t = r.target if task == 'regress' and r.get('given') else None
+    return Target(t, task, data_vocab(learn.dls), getattr(learn.loss_func, 'thresh', 0.5))
+
 
 # %% ../nbs/12_adversarial.ipynb #76c872a9
 def _show_attack(learn:Learner, r:AttrDict, method='gradcam', layer=None, amplify:float=None, cmap='jet', alpha:float=0.5,
                  size:float=2.2, output=None):
     "The panel of `show_adversarial` for the result `r` of `Learner.adversarial`"
-    model,stats,vocab = unwrap_model(learn.model),dls_norm(learn.dls),getattr(learn.dls, 'vocab', None)
+    model,stats,vocab = unwrap_model(learn.model),dls_norm(learn.dls),data_vocab(learn.dls)
     name = lambda c: str(vocab[int(c)]) if vocab is not None else str(int(c))
     xs = (r.x.to(r.x_adv.device), r.x_adv)
-    probs = [model_logits(model, x, output).softmax(1).cpu() for x in xs]
-    maps = None if method is None else [_maps(model, x, method, layer, output).cpu() for x in xs]
+    outs = [model_logits(model, x, output) for x in xs]
+    task = output_task(outs[0], r.get('task'))
+    tgt = _panel_target(learn, r, task)
+    titles = [prediction_titles(o, tgt, r.y if k == 0 and task != 'segment' else None) for k,o in enumerate(outs)]
+    mt = None if task == 'single' else tgt
+    maps = None if method is None else [_maps(model, x, method, layer, output, target=mt).cpu() for x in xs]
     _,std = pixel_stats(stats, r.x.shape[1], r.x_adv.device)
     diff = ((xs[1] - xs[0])*std).cpu()
     amp = amplify if amplify is not None else (0.5/r.eps if r.eps > 0 else 1.)
-    what = None if method is None else methods.METHOD_TITLES[method]
+    what = None if method is None else methods.get_method(method).title
     cols = ['clean', 'attacked'] if maps is None else ['clean', f'{what}, clean', 'attacked', f'{what}, attacked']
     cols.append(f'difference x{amp:.3g}')
     B,per = len(r.x),1 if maps is None else 2
-    fig,axs = plt.subplots(B, len(cols), figsize=(size*len(cols), size*B + 0.7), squeeze=False)
+    fig,axs = plt.subplots(B, len(cols), figsize=(size*len(cols), (size + 0.3*(task != 'single'))*B + 0.7), squeeze=False)
     for i in range(B):
         for k,x in enumerate(xs):
-            c = int(probs[k][i].argmax())
-            title = f"{name(c)} {probs[k][i, c]:.2f}"
-            if k == 0 and r.y is not None and int(r.y[i]) != c: title += f" (true: {name(r.y[i])})"
-            axs[i, k*per].imshow(to_image(x[i], stats)); axs[i, k*per].set_title(title, fontsize=9)
+            axs[i, k*per].imshow(to_image(x[i], stats)); axs[i, k*per].set_title(titles[k][i], fontsize=9 if task == 'single' else 8)
             if maps is not None: show_overlay(x[i], maps[k][i], ax=axs[i, k*per + 1], cmap=cmap, alpha=alpha, stats=stats)
         d = (0.5 + amp*diff[i]).clamp(0, 1).permute(1, 2, 0).numpy()
         axs[i, -1].imshow(d[..., 0] if d.shape[-1] == 1 else d, cmap='gray', vmin=0, vmax=1)
     for ax in axs.flat: ax.set_axis_off()
     for ax,c in zip(axs[0], cols): ax.set_title(f"{c}\n{ax.get_title()}".strip(), fontsize=9)
-    how = f"towards {name(r.target) if isinstance(r.target, int) else 'the targets'}" if r.targeted else "untargeted"
+    aim = name(r.target) if isinstance(r.target, int) else 'the targets'
+    if task == 'regress' and r.get('given'): how = f"{'output ' + str(r.target) if isinstance(r.target, int) else 'the outputs'} {'up' if r.targeted else 'down'}"
+    else: how = f"towards {aim}" if r.targeted else f"away from {aim}" if r.get('given') else "untargeted"
     fig.suptitle(f"Attack {how}, eps {r.eps*255:.3g}/255, {r.steps} step{'s'*(r.steps > 1)}")
     fig.tight_layout()
     return fig
@@ -158,7 +227,7 @@ def _show_attack(learn:Learner, r:AttrDict, method='gradcam', layer=None, amplif
 @patch
 def show_adversarial(self:Learner, items=None, # None (the first `n` validation images), validation indices, files, PIL images or a batch
                      eps:float=8/255, # The largest change of a pixel, in pixel units
-                     target=None, # None: away from the labels (or predictions); a class (name or index), or one per item: towards it
+                     target=None, # None: away from the labels (or predictions); a class (name or index), one per item, a `Region`, an output index: towards it
                      steps:int=1, # 1: FGSM; more: iterated (see `fgsm`)
                      method:str='gradcam', # The maps of both images: 'gradcam', 'fullgrad', 'cam', or None (no maps)
                      layer=None, # The layer of Grad-CAM or CAM; default: `layers.default_layer`
@@ -168,9 +237,10 @@ def show_adversarial(self:Learner, items=None, # None (the first `n` validation 
                      size:float=2.2, # Size of one panel in inches
                      step_size:float=None,
                      output=None, # Where the model returns more than the logits (see `targets.select_output`)
+                     targeted:bool=None, # None: towards `target` when one is given; False: away from it (regression: `True` up, `False` down)
                     ):
     "Original, adversarial and their amplified difference for `items`, with the predictions and maps of both; returns the figure"
-    r = self.adversarial(items, eps, target, steps, step_size, n, output)
+    r = self.adversarial(items, eps, target, steps, step_size, n, output, targeted)
     return _show_attack(self, r, method, layer, amplify, cmap, alpha, size, output)
 
 # %% ../nbs/12_adversarial.ipynb #8f85f82a

@@ -9,7 +9,8 @@ from torch import nn, Tensor
 from fastcore.basics import AttrDict
 from .hooks import HookSet, eval_mode
 from .targets import f32, prep_batch, model_output
-from .methods import backprop, scale_maps, register_method, scores_for
+from .methods import backprop, scale_maps, register_method, scores_for, copies_score
+from .targets import fixed_target
 
 # %% auto #0
 __all__ = ['ATTRIBUTIONS', 'input_gradients', 'gradient_attr', 'inputxgrad_attr', 'guided_backprop_attr', 'ig_points',
@@ -142,7 +143,9 @@ def occlusion_attr(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised a
     "Occlusion (Zeiler & Fergus, 2014): each pixel's mean drop of the target score over the windows that cover it, (B,C,H,W)"
     with eval_mode(model), torch.no_grad():
         x = prep_batch(model, xb)
-        t,y = scores_for(model_output(model, x, output), target)
+        out = model_output(model, x, output)
+        fixed = fixed_target(out, target)
+        y = fixed(out)
         H,W = x.shape[-2:]
         pos = [(r, c) for r in _windows(H, window, stride) for c in _windows(W, window, stride)]
         masks = torch.zeros(len(pos), H, W, dtype=x.dtype, device=x.device)
@@ -153,7 +156,7 @@ def occlusion_attr(model:nn.Module, xb:Tensor, # A batch (B,C,H,W), normalised a
             for j in range(0, len(pos), batch_size):
                 m = masks[j:j+batch_size, None]
                 o = model_output(model, x[i]*(1 - m) + x0[i]*m, output)
-                d = f32(y[i] - scores_for(o, t[i].expand(len(m)))[1]).to(total.dtype)
+                d = f32(y[i] - copies_score(o, fixed, i)).to(total.dtype)
                 total[i] += (d[:, None, None] * m[:, 0].to(total.dtype)).sum(0)
         return (total / masks.sum(0).to(total.dtype))[:, None].expand(-1, x.shape[1], -1, -1).contiguous()
 

@@ -10,6 +10,9 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['capture_files', 'CaptureWriter', 'read_capture_from', 'read_capture']
 
+# %% ../nbs/10a_capture.ipynb #8b3e1d70
+from .store import Location
+
 # %% ../nbs/10a_capture.ipynb #7bc49a88
 _CAPTURE_RE = re.compile(r'capture-(\d{6,})\.jsonl')
 
@@ -30,8 +33,14 @@ def _ends_whole(p:Path) -> bool:
 # %% ../nbs/10a_capture.ipynb #917390d0
 class CaptureWriter:
     "Append lines to numbered JSON-lines files `capture-NNNNNN.jsonl` in folder `path`, each line by one `os.write`, a new file past `max_bytes`"
-    def __init__(self, path, max_bytes:int=16_000_000, max_files:int=None, fsync:bool=False):
-        self.path,self.max_bytes,self.max_files,self.fsync = Path(path),max_bytes,max_files,fsync
+    def __init__(self, path, max_bytes:int=16_000_000, max_files:int=None, fsync:bool=False,
+                 storage_options:dict=None, # For a URL (`s3://bucket/capture`): passed to fsspec; each `write` is then new objects
+                ):
+        self.loc = Location.of(path, storage_options)
+        self.path,self.max_bytes,self.max_files,self.fsync = self.loc.pathlike,max_bytes,max_files,fsync
+        if not self.loc.local:                  # an object store has no append: numbered objects, each written whole
+            self._n = max((int(m.group(1)) for n in self.loc.ls() if (m := _CAPTURE_RE.fullmatch(n))), default=0)
+            return
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"capture={str(self.path)!r} is a file; pass a folder")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -53,6 +62,7 @@ class CaptureWriter:
 
     def write(self, lines:list):
         "Append `lines` (bytes, each ending in a newline)"
+        if not self.loc.local: return self._put(lines)
         fd,size = self._open()
         try:
             for line in lines:
@@ -69,6 +79,22 @@ class CaptureWriter:
         finally:
             if fd >= 0: os.close(fd)
 
+    def _put(self, lines:list):
+        "On an object store: `lines` as the next numbered objects, each of at most `max_bytes` (or one line) and written whole"
+        chunks,size = [[]],0
+        for line in lines:
+            if chunks[-1] and size + len(line) > self.max_bytes: chunks.append([]); size = 0
+            chunks[-1].append(line); size += len(line)
+        for c in chunks:
+            if not c: continue
+            while True:                         # an exclusive PUT: another writer's object is never overwritten
+                self._n += 1
+                try: (self.loc/f'capture-{self._n:06d}.jsonl').write(b''.join(c), exclusive=True); break
+                except FileExistsError: continue
+        if self.max_files:
+            names = sorted((int(m.group(1)), n) for n in self.loc.ls() if (m := _CAPTURE_RE.fullmatch(n)))
+            for _,n in names[:-self.max_files]: (self.loc/n).remove()
+
 # %% ../nbs/10a_capture.ipynb #46849be6
 def _check_cursor(cursor) -> tuple|None:
     "`(file name, offset)` of a cursor `read_capture_from` returned, or None"
@@ -77,15 +103,25 @@ def _check_cursor(cursor) -> tuple|None:
     if not ok: raise ValueError(f"cursor must be None or a dict(file=name, offset=int >= 0) that read_capture_from returned, got {cursor!r}")
     return cursor['file'],cursor['offset']
 
+# %% ../nbs/10a_capture.ipynb #4d1f6b92
+def _capture_locations(loc:Location) -> list|None:
+    "The capture files of a capture folder `loc` (or `[loc]`, one capture file), oldest first; None where there is neither"
+    if loc.local:
+        p = Path(loc.path)
+        return [Location.of(f) for f in capture_files(p)] if p.is_dir() else [loc] if p.is_file() else None
+    if _CAPTURE_RE.fullmatch(loc.name) and loc.fs.isfile(loc.path): return [loc]
+    found = sorted((int(m.group(1)), n) for n in loc.ls() if (m := _CAPTURE_RE.fullmatch(n)))
+    return [loc/n for _,n in found] if found or loc.exists() else None
+
 # %% ../nbs/10a_capture.ipynb #ff06f613
-def read_capture_from(path, # A capture folder, or one capture file
+def read_capture_from(path, # A capture folder, or one capture file (a local path or a URL)
                       cursor:dict=None, # Where an earlier call stopped (the cursor it returned); None: from the start
+                      storage_options:dict=None, # Passed to fsspec for a URL
                      ) -> tuple:
     "The records captured under `path` after `cursor`, oldest first, and the cursor after the last whole line read"
-    path,start = Path(path),_check_cursor(cursor)
-    if path.is_dir(): files = capture_files(path)
-    elif path.is_file(): files = [path]
-    else: raise FileNotFoundError(f"no capture folder or file {str(path)!r}: PredictionMonitor(capture=folder) writes one")
+    loc,start = Location.of(path, storage_options),_check_cursor(cursor)
+    files = _capture_locations(loc)
+    if files is None: raise FileNotFoundError(f"no capture folder or file {loc.url!r}: PredictionMonitor(capture=folder) writes one")
     num = lambda name: int(m.group(1)) if (m := _CAPTURE_RE.fullmatch(name)) else -1
     if start is not None and files and all(num(f.name) < num(start[0]) for f in files): start = None   # a folder started anew
     recs = []
@@ -94,20 +130,21 @@ def read_capture_from(path, # A capture folder, or one capture file
         if start is not None:
             if f.name == start[0]: off = start[1]
             elif num(f.name) < num(start[0]): continue            # read before; a deleted cursor file: all newer ones
-        data = f.read_bytes()
+        data = f.read()
         if len(data) < off: off = 0                               # shorter than when read: a new file of that name
         end = max(off, data.rfind(b'\n') + 1)                    # a trailing partial line is being written, or its writer died
         first = data.count(b'\n', 0, off)
         for i,line in enumerate(data[off:end].split(b'\n')[:-1]):
             if not line.strip(): continue
             try: recs.append(json.loads(line))
-            except ValueError: raise ValueError(f"line {first+i+1} of {str(f)!r} is not JSON ({line[:60]!r}...): capture files "
+            except ValueError: raise ValueError(f"line {first+i+1} of {f.url!r} is not JSON ({line[:60]!r}...): capture files "
                                                 "hold whole lines only, so something else wrote to this file") from None
         cursor = dict(file=f.name, offset=end)
     return recs,cursor
 
 # %% ../nbs/10a_capture.ipynb #9131245d
-def read_capture(path, # A capture folder, or one capture file
+def read_capture(path, # A capture folder, or one capture file (a local path or a URL)
+                 storage_options:dict=None, # Passed to fsspec for a URL
                 ) -> list:
     "The records captured under `path`, oldest first; a partial line at the end of a file (a killed writer) is skipped"
-    return read_capture_from(path)[0]
+    return read_capture_from(path, storage_options=storage_options)[0]

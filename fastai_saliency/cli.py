@@ -42,9 +42,11 @@ def add_monitor_parser(sub):
                                    'baseline (PredictionMonitor.from_learner(learn).constraints.save(fname)): write the violations '
                                    'report (JSON and PNG) to --out and append its figures to --out/history.jsonl. Run it from '
                                    'cron for a scheduled check. Exit status: 0 no violation, 1 violations found, 2 bad input.')
-    m.add_argument('capture', type=Path, metavar='CAPTURE', help='capture folder (or file) of PredictionMonitor(capture=...)')
+    m.add_argument('capture', metavar='CAPTURE', help='capture folder (or file) of PredictionMonitor(capture=...), or its URL '
+                   '(s3://bucket/capture: credentials and endpoint as the backend takes them, e.g. AWS_* variables)')
     m.add_argument('--constraints', type=Path, required=True, metavar='JSON', help='constraints file of the baseline')
-    m.add_argument('--out', type=Path, default=None, help='folder for the reports and history.jsonl (default: CAPTURE/monitoring)')
+    m.add_argument('--out', type=Path, default=None, help='folder for the reports and history.jsonl (default: CAPTURE/monitoring; '
+                   'for a URL: ./monitoring)')
     m.add_argument('--since', default='last', help="which records: 'last' (those after the last check in --out, the default), "
                                                    "'all', or those after an ISO time such as 2024-05-01T13:00:00+00:00")
     return m
@@ -258,7 +260,8 @@ def add_watch_command(sub):
                        description="Follow the snapshot run RUN while another process writes it: draw the maps of each explained "
                                    "validation step into a GIF as it lands, until the run's end marker. Exit status 1 when no "
                                    "step lands within --timeout seconds and the run has no end marker (its writer died).")
-    w.add_argument('run', type=Path, metavar='RUN', help="a run folder, or a folder of runs (the newest is followed)")
+    w.add_argument('run', metavar='RUN', help="a run folder, or a folder of runs (the newest is followed); or their URL "
+                   "(s3://bucket/runs: credentials and endpoint as the backend takes them, e.g. AWS_* variables)")
     w.add_argument('--out', type=Path, default=Path('evolution.gif'), help='the GIF to write (default: evolution.gif)')
     w.add_argument('--method', choices=replay_methods(), default='fullgrad', help='the maps: FullGrad or a gradient-only CAM (default: fullgrad)')
     w.add_argument('--layer', default=None, help="the CAM's layer: a saved layer's name or a regex (default: the model's "
@@ -282,9 +285,12 @@ def run_watch(args) -> int:
     try: res = watch(args.run, args.out, method=args.method, layer=args.layer, n=args.n, timeout=args.timeout,
                      poll=args.poll, fps=args.fps, log=log, **kw)
     except RunStalled as e: print(f"fastai-saliency watch: stopped: {e}", file=sys.stderr, flush=True); return 1
-    except (ValueError, FileNotFoundError) as e: print(f"fastai-saliency watch: {e}", file=sys.stderr, flush=True); return 1
+    except (ValueError, OSError, ImportError) as e: print(f"fastai-saliency watch: {e}", file=sys.stderr, flush=True); return 1
     except KeyboardInterrupt: print("fastai-saliency watch: interrupted", file=sys.stderr, flush=True); return 130
     return 0 if res['frames'] else 1
+
+# %% ../nbs/13_cli.ipynb #9f4c2d18
+from .store import is_url
 
 # %% ../nbs/13_cli.ipynb #184fd5ef
 MONITOR_VIOLATIONS = 1   # the exit status of `fastai-saliency monitor` when it finds violations (0: none, 2: bad input)
@@ -292,10 +298,11 @@ MONITOR_VIOLATIONS = 1   # the exit status of `fastai-saliency monitor` when it 
 def run_monitor(capture, constraints, out=None, since='last') -> int:
     "`fastai-saliency monitor`: check `capture` against `constraints`, print the report and where it went; the exit status"
     matplotlib.use('Agg')
-    capture = Path(capture)
-    out = Path(out) if out is not None else (capture if capture.is_dir() else capture.parent)/'monitoring'
+    url = is_url(str(capture))
+    capture = str(capture) if url else Path(capture)
+    out = Path(out) if out is not None else Path('monitoring') if url else (capture if capture.is_dir() else capture.parent)/'monitoring'
     try: rep = check_capture(capture, constraints, out, since)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         print(f"fastai-saliency monitor: error: {e}", file=sys.stderr)
         return 2
     print(rep)

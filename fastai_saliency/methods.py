@@ -240,7 +240,8 @@ def _cam_raw(model, xb, pairs, variant, target, relu, reshape=None, output=None,
             raise ValueError(f"the logits depend on the output of {n!r} only through its {lay.prefix} prefix token(s) "
                              f"(class-token pooling after it), so its grid tokens get no gradient; use a layer before the "
                              f"last attention{layer_hint(model)}")
-        ctx = AttrDict(model=model, x=r.x, target=r.target, score=r.score, layer=m, layout=lay, output=output, **kwargs)
+        ctx = AttrDict(model=model, x=r.x, target=r.target, fixed=fixed_target(r.logits, target), score=r.score, layer=m, layout=lay,
+                       output=output, **kwargs)
         raw[n] = cam_map(a, gr, variant, lay, relu, ctx)
     return raw, r.x
 
@@ -298,6 +299,14 @@ def scores_for(out:Tensor, target) -> tuple:
     "What to explain in a model's output `out` and each row's score: the forward-pass methods' one call of the targets module"
     return target_score(out, target)
 
+# %% ../nbs/04_methods.ipynb #a35b5416
+def copies_score(out:Tensor, # The output of copies of image `i` (masked, ablated, occluded), (n,...)
+                 fixed, # The target fixed on the clean images (`targets.fixed_target`): their classes, a segmentation's region
+                 i:int, # Which image the copies are of
+                ) -> Tensor:
+    "The clean image's target scored in each copy's output (n,): the same class, label, output or region, not re-predicted"
+    return target_rows(fixed, torch.full((len(out),), i, dtype=torch.long, device=out.device))(out)
+
 # %% ../nbs/04_methods.ipynb #b7d7e98e
 def _batches(jobs:list, progress=None) -> list:
     "`jobs`, behind a progress bar when there are more than `progress` of them (None: 20; False: never)"
@@ -321,12 +330,12 @@ def _scorecam(acts, grads, ctx):
     flat = acts.flatten(2)
     lo,hi = flat.amin(2),flat.amax(2)
     zero = model_output(ctx.model, torch.zeros_like(x[:1]), out)               # what every constant channel gives
-    scores = f32(scores_for(zero.expand(len(x), *zero.shape[1:]), t)[1])[:, None].repeat(1, acts.shape[1]).to(acts.dtype)
+    scores = f32(ctx.fixed(zero.expand(len(x), *zero.shape[1:])))[:, None].repeat(1, acts.shape[1]).to(acts.dtype)
     for i,ch in _batches(_channel_jobs(hi > lo, ctx.get('batch_size') or 32), ctx.get('progress')):
         up = F.interpolate(acts[i, ch][None].to(x.dtype), size=x.shape[-2:], mode='bilinear', align_corners=True)[0]
         up = (up - up.amin((1, 2), keepdim=True)) / (up.amax((1, 2), keepdim=True) - up.amin((1, 2), keepdim=True) + 1e-8)
         o = model_output(ctx.model, x[i] * up[:, None], out)
-        scores[i, ch] = f32(scores_for(o, t[i].expand(len(ch)))[1]).to(acts.dtype)
+        scores[i, ch] = f32(copies_score(o, ctx.fixed, i)).to(acts.dtype)
     return channel_sum(scores.softmax(1), acts)
 
 # %% ../nbs/04_methods.ipynb #574b5ab7
@@ -352,7 +361,7 @@ def _ablated_scores(ctx, i:int, ch:Tensor) -> Tensor:
             except RuntimeError: o = None
             if o is None or len(o) != len(ch): ctx.repeat,o = True,None
         if o is None: o = model_output(ctx.model, x.expand(len(ch), *x.shape[1:]), out)
-    return f32(scores_for(o, ctx.target[i].expand(len(ch)))[1])
+    return f32(copies_score(o, ctx.fixed, i))
 
 # %% ../nbs/04_methods.ipynb #7abd359d
 @register_cam('ablationcam', 'Ablation-CAM', grads=False, model=True, passes='one of the layers after it per non-zero channel and image')

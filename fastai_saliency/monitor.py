@@ -184,7 +184,7 @@ class PredictionMonitor(Callback):
                  max_low_confidence:float=0.1, # Flag when more than this share of predictions are low-confidence
                  vocab=None, # Class names (as a callback, default: the DataLoaders' `vocab`)
                  from_logits:bool=False, # `update` gets raw model outputs: softmax them (as a callback: see below)
-                 capture=None, # A folder to append a sample of predictions to as JSON lines; None: no capture
+                 capture=None, # A folder (or a URL: `s3://bucket/capture`) to append a sample of predictions to as JSON lines; None: no capture
                  sample:float=1.0, # Share of predictions captured
                  max_bytes:int=16_000_000, # Start a new capture file before the current one passes this size
                  max_files:int=None, # Keep at most this many capture files, deleting the oldest; None: all
@@ -193,6 +193,7 @@ class PredictionMonitor(Callback):
                  reset_each_pass:bool=True, # As a callback: count each validation pass or `get_preds` call afresh
                  fsync:bool=False, # fsync capture files after each update (survives a power cut, not only a crash)
                  constraints=None, # Limits from a baseline, checked in each report: a `Constraints` or its JSON file (see `from_learner`)
+                 storage_options:dict=None, # Passed to fsspec where `capture` is a URL (default: the backend's own configuration)
                 ):
         for k,v,lo,hi in (('threshold', threshold, 0, 1), ('min_confidence', min_confidence, 0, 1),
                           ('max_low_confidence', max_low_confidence, 0, 1), ('sample', sample, 0, 1)):
@@ -204,7 +205,7 @@ class PredictionMonitor(Callback):
             raise ValueError(f"max_files must be an int >= 1 or None, got {max_files!r}")
         store_attr('threshold,min_confidence,topk,max_low_confidence,vocab,from_logits,capture,sample,tol,reset_each_pass')
         self.constraints = None if constraints is None else _as_constraints(constraints)
-        self._files = None if capture is None else CaptureWriter(capture, max_bytes, max_files, fsync)
+        self._files = None if capture is None else CaptureWriter(capture, max_bytes, max_files, fsync, storage_options)
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self._dls_vocab,self._act,self._ids,self._n_seen,self.last_report = None,None,None,0,None
@@ -554,6 +555,9 @@ def read_history(out, # The `out` folder of `check_capture` (or its `history.jso
         if h is not None: res.append(h)
     return res
 
+# %% ../nbs/10_monitor.ipynb #3b7f0e25
+from .store import is_url
+
 # %% ../nbs/10_monitor.ipynb #e390c90d
 def _window(recs:list, n_classes:int, vocab, where:str) -> tuple:
     "Predicted class and top probability of each capture record, checked against the constraints' classes"
@@ -620,13 +624,13 @@ def _write_check(rep:MonitorReport, out:Path, capture:Path) -> dict:
     return files
 
 # %% ../nbs/10_monitor.ipynb #285cdfee
-def check_capture(capture, # A capture folder (or one capture file) that `PredictionMonitor(capture=...)` wrote
+def check_capture(capture, # A capture folder (or one capture file, or their URL) that `PredictionMonitor(capture=...)` wrote
                   constraints, # A `Constraints`, or its JSON file
                   out=None, # A folder for `check-<time>.json`, `check-<time>.png` and `history.jsonl`; None: write nothing
                   since='last', # 'last': the records after the last check recorded in `out` (all at the first); 'all'; or an ISO time
                  ) -> MonitorReport:
     "Check the predictions captured under `capture` against `constraints`, every rule, as Model Monitor's scheduled job does"
-    c,capture = _as_constraints(constraints),Path(capture).resolve()
+    c,capture = _as_constraints(constraints),capture if is_url(capture) else Path(capture).resolve()
     out = None if out is None else Path(out)
     cursor,t0 = None,None
     if since == 'last':

@@ -269,12 +269,12 @@ def _n_steps(trial:Trial) -> int: return sum(len(trial.steps(m)) for m in trial.
 
 def follow(trial:Trial, mode:str='valid', # The mode whose steps to yield
            timeout:float=300., # Seconds without a new step of any mode (and no end marker) before `RunStalled`
-           poll:float=0.2, # Seconds between looks at the index
+           poll:float=0.2, # Seconds between looks at the index (a local file, or a request to an object store)
           ):
     "Yield the steps of `mode` as they land, in order, until the run's end marker; `RunStalled` when its writer died"
     seen,last,n = set(),time.monotonic(),-1
     while True:
-        done = trial.end is not None             # the end marker was seen by an earlier read: this read lists every step
+        done = trial.refresh().end is not None   # the end marker is read before the index: once seen, the index read lists every step
         new = [s for s in trial.steps(mode) if s not in seen]
         for s in new: seen.add(s); yield s       # (the caller's own reads may see the end marker meanwhile)
         if done: return
@@ -290,18 +290,22 @@ def follow(trial:Trial, mode:str='valid', # The mode whose steps to yield
                              f"hangs; {len(seen)} {mode} steps were read")
         time.sleep(poll)
 
+# %% ../nbs/09_replay.ipynb #5e0c7a2d
+from .store import NoSuchBucket
+
 # %% ../nbs/09_replay.ipynb #d4ad6447
-def _wait_for_run(path, timeout:float, poll:float, log) -> Trial:
-    "A `Trial` on the newest run under `path`, waiting up to `timeout` s for one to appear"
+def _wait_for_run(path, timeout:float, poll:float, log, storage_options:dict=None) -> Trial:
+    "A `Trial` on the newest run under `path`, waiting up to `timeout` s for one to appear (not for a bucket: that is an error at once)"
     t0,said = time.monotonic(),False
     while True:
-        try: return Trial(path)
+        try: return Trial(path, storage_options=storage_options)
+        except NoSuchBucket: raise
         except FileNotFoundError as e:
             if time.monotonic() - t0 > timeout: raise RunStalled(f"no snapshot run appeared within {timeout:g} s: {e}") from None
             if not said: log(f"Waiting for a snapshot run in {str(path)!r}"); said = True
             time.sleep(poll)
 
-def watch(path, # A run folder, or a folder of runs (the newest is followed)
+def watch(path, # A run, or a folder of runs (the newest is followed): a local path or an fsspec URL (`s3://bucket/runs`)
           out='evolution.gif', # The GIF, written again (atomically) as each frame is added
           method:str='fullgrad', layer=None, # What to draw (see `Trial.maps`)
           mode:str='valid', # The mode of the steps to draw
@@ -309,10 +313,11 @@ def watch(path, # A run folder, or a folder of runs (the newest is followed)
           timeout:float=300., # Seconds without a new step (and no end marker) before giving up with `RunStalled`
           poll:float=0.2, fps:float=2, dpi:int=80, size:float=2.0,
           log=print, # Called with a line of progress
+          storage_options:dict=None, # Passed to fsspec for a URL (default: the backend's own configuration)
           **kwargs) -> dict: # Passed on to `Trial.fullgrad` or `Trial.gradcam`
     "Follow a run while it is written: a frame per explained step as it lands, into the GIF `out`, until the run ends"
     _check_replay(method)
-    trial,out = _wait_for_run(path, timeout, poll, log),Path(out)
+    trial,out = _wait_for_run(path, timeout, poll, log, storage_options),Path(out)
     log(f"Following {str(trial.path)!r}: {method}{f' at {layer!r}' if layer else ''} of each explained {mode} step, into {str(out)!r}")
     fd,frames,lat,idx = None,[],[],None
     try:

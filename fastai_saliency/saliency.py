@@ -23,20 +23,21 @@ def _fmt_epoch(e:float) -> str: return f"{e:.0f}" if abs(e - round(e)) < 1e-6 el
 class SaliencyCallback(Callback):
     "Saliency maps of fixed probe images before training, then every epoch or every `every` training batches"
     order,run_valid = 95,False
-    _stateattrs = ('writer', 'probe_xb', '_tb', '_maps', '_logits', '_targets')   # not in `learn.export()`: the frames' numbers stay
-    def _init_state(self): self.probe_xb = self.writer = self._tb = None; self._maps,self._logits,self._targets = [],[],[]
+    _stateattrs = ('writer', 'probe_xb', '_tb', '_maps', '_logits', '_targets', 'storage_options')   # not in `learn.export()` (nor credentials): the frames' numbers stay
+    def _init_state(self): self.probe_xb = self.writer = self._tb = self.storage_options = None; self._maps,self._logits,self._targets = [],[],[]
     def __init__(self, method='fullgrad', # A method's name (`methods.method_names()`: 'fullgrad', 'gradcam', 'layercam', 'integrated_gradients'...), or a function `(model, xb, target) -> maps (B,H,W)`
                  items=None, # Probes: validation indices, files, PIL images or a batch; None: `n` validation items spread over the classes
                  n:int=8, # How many probes when `items` is None
                  every='epoch', # 'epoch': a frame after each epoch; an int: after every `every` training batches
                  layer=None, # The layer of 'gradcam' and 'cam' (see `find_layer`); None: the last conv block
                  target='label', # 'label' (the true class where known, else the predicted one; other tasks: see `_setup_task`), 'pred', an int, a class name, one per probe, a callable
-                 store=None, # A folder of runs: each fit also writes its frames to a new run there (mode 'predict')
+                 store=None, # A folder of runs, or its URL (`s3://bucket/runs`): each fit also writes its frames to a new run there (mode 'predict')
                  metrics=None, # Scores of every frame: 'pointing', 'deletion', 'insertion', or functions (model, xb, maps, target) -> (B,)
                  boxes=None, # The probes' boxes (N,4) in input pixels, for 'pointing'; None: from the validation DataFrame (SynthSigns)
                  metric_steps:int=16, # Steps of each deletion and insertion curve
                  max_frames:int|None=64, # Frames kept in memory: past it, every other older frame is dropped (`store=` keeps them all); None: all
                  log_dir=None, # A TensorBoard log folder for the frames and scores; None: the writer of an attached `TensorBoardCallback`, if any
+                 storage_options:dict=None, # Passed to fsspec where `store` is a URL (default: the backend's own configuration)
                  **kwargs): # Passed on to the method, e.g. `input_term=False` for FullGrad
         m = methods.get_method(method)           # an unknown name: the error that lists the registered ones
         if every != 'epoch' and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
@@ -50,6 +51,7 @@ class SaliencyCallback(Callback):
             raise ValueError(f"max_frames must be an int >= 2 or None, got {max_frames!r}")
         self.frame_metrics = _frame_metrics(metrics, metric_steps)
         store_attr('method,items,n,every,layer,target,store,boxes,metric_steps,max_frames,log_dir,kwargs')
+        self.storage_options = storage_options   # not through store_attr: credentials stay out of `learn.export()`
         self.probe_xb = self.writer = self._tb = None
         self.reset()
 
@@ -65,7 +67,7 @@ class SaliencyCallback(Callback):
 
     @property
     def method_name(self) -> str:
-        return methods.METHOD_TITLES.get(self.method, getattr(self.method, '__name__', 'saliency'))
+        return methods.get_method(self.method).title
 
     def _setup_probes(self):
         "The probe batch, its labels (or None) and the Normalize of the data, built once without touching the random state"
@@ -89,7 +91,7 @@ class SaliencyCallback(Callback):
         if self.probe_xb is None: self._setup_probes()
         self.n_batches = max(1, len(self.dls.train))   # for the epoch of a frame: iteration / batches per epoch
         if self.store is not None:
-            self.writer = SnapshotWriter(self.store, meta=dict(
+            self.writer = SnapshotWriter(self.store, storage_options=self.storage_options, meta=dict(
                 writer='SaliencyCallback', method=self.method_name, layer=self.layer, every=self.every,
                 items=self.item_idxs, vocab=None if self.vocab is None else [str(v) for v in self.vocab]))
             self._first_step = True

@@ -49,9 +49,9 @@ class SnapshotCallback(HookCallback):
     _cap = _top = _snap = run_path = None
     _explaining = stopped = False
     _predicting = False
-    _stateattrs = ('writer', 'predict_writer', '_buf', '_cap', '_top')   # not pickled by `learn.export()`
-    def _init_state(self): self._state,self.writer,self.predict_writer,self._buf,self._cap,self._top = {},None,None,{},None,None
-    def __init__(self, path, # Folder of runs: each fit writes a new `path/run-NNN` (see `SnapshotWriter`)
+    _stateattrs = ('writer', 'predict_writer', '_buf', '_cap', '_top', 'storage_options')   # not pickled by `learn.export()` (credentials neither)
+    def _init_state(self): self._state,self.writer,self.predict_writer,self._buf,self._cap,self._top,self.storage_options = {},None,None,{},None,None,None
+    def __init__(self, path, # Folder of runs, or an fsspec URL (`'s3://bucket/runs'`): each fit writes a new `path/run-NNN` (see `SnapshotWriter`)
                  every:int=100, # Save training batches 0, every, 2*every, ... (counted over the fit); 0 or None: none
                  valid_every:int=None, # None: the first batch of each validation pass; N: every N-th validation batch (counted over the fit); 0: none
                  include=None, # Layers (see `find_layers`) and/or 'input', 'logits', 'target'; None: those + conv and BN layers (+ the default Grad-CAM layer when explaining)
@@ -63,8 +63,11 @@ class SnapshotCallback(HookCallback):
                  bn_stats:bool=True, # Save running_mean, running_var, weight, bias of every BatchNorm layer (training and explained batches)
                  params:bool=False, # Save weight and bias of the other included layers (training and explained batches)
                  dtype=None, # Save floating tensors in this dtype (`torch.float16` halves storage); None: as they are
-                 background:bool=True, # Write in a thread while training goes on (one step in flight at most)
+                 background:bool=True, # Write in a thread while training goes on, through a queue of at most `queue_bytes`
                  fsync:bool=True, # fsync each file, so listed steps survive a power cut (see `SnapshotWriter`)
+                 queue_bytes:int=2**29, # The background queue's budget in bytes: steps handed over and not yet written
+                 when_full:str='block', # A step that finds the queue full: 'block' (training waits for room) or 'drop' (left out, with a warning)
+                 storage_options:dict=None, # Passed to fsspec for a URL: credentials, `endpoint_url`, ... (default: the backend's own configuration)
                  modules=None, # fastai's `HookCallback` name for `include`: the modules (or names, regexes) to hook
                  output=None, # Where the model returns more than the logits: an index, a key or a callable (see `select_output`), for explained batches
                  predict_every:int|None=None, # Also save every `predict_every`-th batch of `get_preds`/`predict` as an explained 'predict' step with the items' ids; None: none
@@ -82,8 +85,11 @@ class SnapshotCallback(HookCallback):
             if include is not None: raise ValueError("give the layers either as include= or as modules= (fastai's name), not both")
             include = modules
         super().__init__(every=every, **kwargs)
-        self.dest = Path(path)
+        if when_full not in ('block', 'drop'): raise ValueError(f"when_full must be 'block' or 'drop', got {when_full!r}")
+        self.dest = path                         # a local folder or a URL: the store tells them apart (never through Path)
         store_attr('valid_every,include,exclude,grads,explain,target,max_bytes,bn_stats,params,dtype,background,fsync,output,predict_every')
+        store_attr('queue_bytes,when_full')
+        self.storage_options = storage_options   # not through store_attr, whose copy of the arguments is pickled
         self.writer = self.predict_writer = None
 
     @property
@@ -161,7 +167,7 @@ class SnapshotCallback(HookCallback):
         self.param_layers = [(n,m) for n,m in self.layers if self.params and not isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.valid_count,self.cancelled,self.stopped,self.n_bytes,self._announced = 0,False,False,0,False
         self.explaining,self.planned = self.explain,self._planned_steps()
-        self.writer = SnapshotWriter(self.dest, fsync=self.fsync, meta=self._run_meta(model))
+        self.writer = SnapshotWriter(self.dest, fsync=self.fsync, meta=self._run_meta(model), **self._store_kw())
 
     def _start_predict(self):
         "Open the run `get_preds`/`predict` steps go to: one for the callback's life, which each call continues"
@@ -169,7 +175,9 @@ class SnapshotCallback(HookCallback):
         self.layers,self.special = self._select()
         self.predict_count,self.predict_bytes,self.predict_stopped = 0,0,False
         self.predict_writer = SnapshotWriter(self.dest, fsync=self.fsync, meta=dict(
-            self._run_meta(self.model), mode='predict', predict_every=self.predict_every))
+            self._run_meta(self.model), mode='predict', predict_every=self.predict_every), **self._store_kw())
+
+    def _store_kw(self) -> dict: return dict(queue_bytes=self.queue_bytes, when_full=self.when_full, storage_options=self.storage_options)
 
     def before_validate(self):
         if self._predicting: self._ids,self._pos = item_ids(self.dl),0   # the ids the monitor's capture uses too
@@ -441,16 +449,16 @@ class SnapshotCallback(HookCallback):
         "A `Trial` on the run of the current or last fit"
         p = self.writer.path if self.writer is not None else getattr(self, 'run_path', None)
         if p is None: raise ValueError("no run yet: fit with this callback first (runs are written only inside `fit`)")
-        return Trial(p)
+        return Trial(p, storage_options=self.storage_options)
 
     def predict_trial(self) -> Trial:
         "A `Trial` on the run of the inference steps (`predict_every=`), also while it goes on"
         p = getattr(self, 'predict_path', None) if self.predict_writer is None else self.predict_writer.path
         if p is None: raise ValueError("no inference run yet: with predict_every=N, learn.get_preds() and learn.predict() write one")
-        return Trial(p)
+        return Trial(p, storage_options=self.storage_options)
 
-    def end_predict(self) -> Path|None:
-        "Close the run of the inference steps with its end marker and return its folder; the next `get_preds`/`predict` starts a new one"
+    def end_predict(self) -> Path|str|None:
+        "Close the run of the inference steps with its end marker and return its folder (or URL); the next `get_preds`/`predict` starts a new one"
         w,self.predict_writer = self.predict_writer,None
         if w is None: return getattr(self, 'predict_path', None)
         self.predict_path = w.path

@@ -48,3 +48,28 @@ def task_learners(scenes_path):
             res[task] = learn
     finally: torch.set_num_threads(n)
     return res
+
+@pytest.fixture(scope='session')
+def s3_server():
+    "An S3 server for the whole session (moto's, as s3fs's own tests run it) on a free port; the AWS_* variables point at it"
+    for mod in ('moto.server', 's3fs'):
+        pytest.importorskip(mod, reason=f"{mod} is not installed: pip install 'moto[server]' s3fs (requirements-dev.txt) runs the S3 tests")
+    import logging, socket, s3fs
+    from moto.server import ThreadedMotoServer
+    logging.getLogger('werkzeug').setLevel(logging.ERROR)        # no line per request
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address='127.0.0.1', port=port, verbose=False)
+    server.start()
+    env = dict(AWS_ENDPOINT_URL=f'http://127.0.0.1:{port}', AWS_ACCESS_KEY_ID='testing', AWS_SECRET_ACCESS_KEY='testing',
+               AWS_DEFAULT_REGION='us-east-1')
+    old = {k: os.environ.get(k) for k in [*env, 'AWS_PROFILE', 'AWS_SESSION_TOKEN', 'AWS_ENDPOINT_URL_S3']}
+    for k in old: os.environ.pop(k, None)
+    os.environ.update(env)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try: yield env
+    finally:
+        server.stop()
+        for k,v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()

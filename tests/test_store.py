@@ -151,11 +151,18 @@ def test_disk_errors_surface(tmp_path, monkeypatch, background):
     assert not trial.loaded_all_steps and len(trial.steps('train')) < 12
     check_readable(trial)
 
-def test_safetensors_error_becomes_oserror(tmp_path, monkeypatch):
-    def full(*args, **kwargs): raise store.SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
-    monkeypatch.setattr(store, 'save_file', full)
+def test_full_disk_becomes_oserror(tmp_path, monkeypatch):
+    "A full disk while a step file is written (the store writes it with one os.writev) stops the fit with the OS's error"
+    calls,real = [],os.writev
+    def full(fd, bufs):                              # run.json goes in; the first step file finds the disk full
+        calls.append(len(bufs))
+        if len(calls) > 1: raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(fd, bufs)
+    monkeypatch.setattr(os, 'writev', full)
     learn = tiny_learn(tmp_path, every=1, background=False)
     with pytest.raises(OSError, match='No space left on device'): fit_quiet(learn)
+    monkeypatch.undo()
+    assert n_hooks(learn.model) == 0 and Trial(tmp_path).steps() == []
 
 def test_path_that_is_a_file(tmp_path):
     (tmp_path/'f').write_text('x')
@@ -215,3 +222,76 @@ def test_killed_writer(tmp_path, background):
     on_disk = {str(p.relative_to(trial.path)) for p in trial.path.rglob('*.safetensors*')}
     unlisted = on_disk - listed
     assert len(unlisted) <= 1, unlisted             # only the step in flight is lost
+
+def test_fit_into_an_object_store(tmp_path):
+    "The same fit to a local folder and to `memory://` (fsspec's object store in this process): the same steps and tensors"
+    url = f'memory://test-fit-{os.getpid()}/runs'
+    for path in (tmp_path, url):
+        learn = tiny_learn(path, every=2, valid_every=1, fsync=False)
+        fit_quiet(learn, 2)
+        assert n_hooks(learn.model) == 0
+    local,remote = Trial(tmp_path),learn.snapshot.trial()
+    assert remote.path == f'{url}/run-001' and remote.loaded_all_steps and remote.info['index'] == 'objects'
+    for mode in ('train', 'valid'): assert remote.steps(mode) == local.steps(mode) and remote.steps(mode)
+    assert check_readable(remote) == check_readable(local) > 0
+    for s in (0, 4):
+        a,b = local.tensors(s),remote.tensors(s)
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert list_runs(url) == [f'{url}/run-001']
+    store.Location.of(url).fs.rm(f'/test-fit-{os.getpid()}', recursive=True)
+
+class SlowStore(store.Location):
+    "A local location whose step files take `delay` s to write: storage slower than the steps come"
+    delay = 0.05
+    def write(self, data, *args, **kwargs):
+        if '.safetensors' in self.path: time.sleep(self.delay)
+        return super().write(data, *args, **kwargs)
+    def __truediv__(self, name): return SlowStore(os.path.join(self.url, name))
+
+@pytest.mark.parametrize('when_full', ['block', 'drop'])
+def test_queue_within_its_budget(tmp_path, monkeypatch, when_full):
+    "Storage slower than the steps: the queue never holds more than queue_bytes; 'block' waits and writes every step, 'drop' leaves some out with a warning"
+    monkeypatch.setattr(store.Location, 'of', classmethod(lambda cls, p, so=None: SlowStore(str(p))))
+    seen,close = [],store.SnapshotWriter.close
+    def closing(self, *args, **kwargs): seen.append(self.max_queued); return close(self, *args, **kwargs)
+    monkeypatch.setattr(store.SnapshotWriter, 'close', closing)
+    step = 2*8*8*10*10*4                               # a step: the outputs of two conv layers (and the loss); the budget: three
+    learn = tiny_learn(tmp_path, every=1, valid_every=0, include=['0', '3'], grads=False, bn_stats=False, fsync=False,
+                       queue_bytes=3*step + 100, when_full=when_full)
+    if when_full == 'drop':
+        with pytest.warns(UserWarning, match=r"is dropped \(when_full='drop'\)"): fit_quiet(learn, 2)
+    else: fit_quiet(learn, 2)
+    monkeypatch.undo()
+    trial = Trial(tmp_path)
+    assert trial.loaded_all_steps and check_readable(trial) > 0
+    assert 2*step < seen[0] <= 3*step + 100            # the queue filled up to its budget, never past it
+    dropped = [d['step'] for d in trial.end.get('dropped', [])]
+    assert sorted(trial.steps('train') + dropped) == list(range(12))
+    assert bool(dropped) == (when_full == 'drop')
+
+EXITING = textwrap.dedent('''
+    import sys, time, torch
+    from fastai_saliency.store import SnapshotWriter
+    class Slow:
+        def synchronize(self): time.sleep(0.3)          # storage busy with the first step
+    w = SnapshotWriter(sys.argv[1], fsync=False)
+    for s in range(3): w.write_step('train', s, {'a': torch.full((4,), float(s))}, wait=False, ready=Slow() if s == 0 else None)
+    raise SystemExit(3)                                 # a script that ends (or raises) without closing its writer
+''')
+
+def test_queued_steps_are_written_at_exit(tmp_path):
+    "Steps handed to the background writer are written before the interpreter exits (no end marker: the run did not end)"
+    (tmp_path/'exiting.py').write_text(EXITING)
+    r = subprocess.run([sys.executable, str(tmp_path/'exiting.py'), str(tmp_path/'runs')], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr[-2000:]
+    trial = Trial(tmp_path/'runs')
+    assert trial.steps('train') == [0, 1, 2] and trial.end is None
+    assert torch.equal(trial.tensor('a').value(2), torch.full((4,), 2.))
+
+def test_credentials_stay_out_of_exported_learners():
+    "storage_options (which may hold keys) are not pickled with the callbacks by `learn.export()`"
+    from fastai_saliency.saliency import SaliencyCallback
+    opts = dict(key='AKIA-not-a-key', secret='not-a-secret')
+    for cb in (SnapshotCallback('s3://bucket/runs', storage_options=opts), SaliencyCallback(store='s3://bucket/runs', storage_options=opts)):
+        data = pickle.dumps(cb)
+        assert b'not-a-secret' not in data and pickle.loads(data).storage_options is None and cb.storage_options == opts

@@ -243,3 +243,25 @@ def test_deletion_insertion_every_task(task_learners, task):
         end = 0 if mode == 'deletion' else -1                            # the unperturbed image
         torch.testing.assert_close(r.curve[:, end], target_probability(out, ft).float(), atol=1e-5, rtol=1e-5)
         if task != 'points': assert ((r.curve >= 0) & (r.curve <= 1)).all()
+
+
+def test_forward_methods_score_the_clean_region_in_perturbed_copies():
+    "ScoreCAM, AblationCAM and occlusion score copies of an image by the clean image's target: a segmentation's region stays the clean one"
+    import torch
+    from torch import nn
+    from fastai_saliency.targets import fixed_target
+    from fastai_saliency.methods import copies_score, gradcam, cam_maps
+    torch.manual_seed(0)
+    seg = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(): out = seg(x); pert = seg(x + torch.randn(2, 3, 8, 8))
+    fixed = fixed_target(out, 1)
+    clean_mask = (out.argmax(1) == 1).float()                      # the pixels predicted as class 1 on the clean images
+    assert clean_mask.sum() > 0 and not torch.equal(clean_mask, (pert.argmax(1) == 1).float())
+    for i in range(2):
+        copies = pert[i:i+1].expand(3, -1, -1, -1)
+        want = (copies[:, 1] * clean_mask[i]).sum((1, 2))
+        torch.testing.assert_close(copies_score(copies, fixed, i), want)
+    # ScoreCAM on the segmentation net runs on the fixed region and gives one map per image
+    m = cam_maps(seg, x, '0', 'scorecam', target=1)
+    assert m.shape == (2, 8, 8) and torch.isfinite(m).all()
