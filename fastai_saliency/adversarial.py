@@ -207,7 +207,7 @@ def _show_attack(learn:Learner, r:AttrDict, method='gradcam', layer=None, amplif
     cols = ['clean', 'attacked'] if maps is None else ['clean', f'{what}, clean', 'attacked', f'{what}, attacked']
     cols.append(f'difference x{amp:.3g}')
     B,per = len(r.x),1 if maps is None else 2
-    fig,axs = plt.subplots(B, len(cols), figsize=(size*len(cols), (size + 0.3*(task != 'single'))*B + 0.7), squeeze=False)
+    fig,axs = plt.subplots(B, len(cols), figsize=(size*len(cols), (size + 0.35 + 0.3*(task != 'single'))*B + 0.7), squeeze=False)
     for i in range(B):
         for k,x in enumerate(xs):
             axs[i, k*per].imshow(to_image(x[i], stats)); axs[i, k*per].set_title(titles[k][i], fontsize=9 if task == 'single' else 8)

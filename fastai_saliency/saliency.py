@@ -146,75 +146,111 @@ class SaliencyCallback(Callback):
         for a in ('_maps', '_logits', '_targets', 'frames'): setattr(self, a, [getattr(self, a)[i] for i in keep])
         self._scores = {k:[v[i] for i in keep] for k,v in self._scores.items()}
 
-    @property
-    def maps(self) -> Tensor:
-        "(frames, probes, H, W) maps in [0,1], float32"
-        return torch.stack(self._maps).float() if self._maps else torch.empty(0)
-    @property
-    def logits(self) -> Tensor: return torch.stack(self._logits) if self._logits else torch.empty(0)
-    @property
-    def probs(self) -> Tensor:
-        "(frames, probes): the probability of the predicted class"
-        return self.logits.softmax(-1).max(-1).values if self._logits else torch.empty(0)
-    @property
-    def preds(self) -> Tensor: return self.logits.argmax(-1) if self._logits else torch.empty(0, dtype=torch.long)
-    @property
-    def targets(self) -> Tensor:
-        "(frames, probes): the class each map explains"
-        return torch.stack(self._targets) if self._targets else torch.empty(0, dtype=torch.long)
-    @property
-    def epochs(self) -> list: return [f['epoch'] for f in self.frames]
-
-    def _name(self, i) -> str: return str(self.vocab[i]) if self.vocab is not None else str(int(i))
-    def _probe_title(self, f:int, i:int) -> str:
-        "'predicted <class> (p%)', and the true class on a second line where known (the same lines in every frame)"
-        if self.task not in (None, 'single'): return self._task_title(f, i)
-        pred,prob = int(self.preds[f, i]),float(self.probs[f, i])
-        s = f"predicted {self._name(pred)} ({prob:.0%})"
-        if self.labels is not None:
-            y = int(self.labels[i])
-            s += "\n" + ("right" if y == pred else f"true: {self._name(y)}")
-        return s
-
-    def _check_frames(self):
-        if not self.frames: raise ValueError("no frames yet: fit the learner with this callback first")
-        if not self._maps: raise ValueError("no maps: learn.export() keeps the frames' numbers (cb.frames, cb.metrics), not their "
-                                            "maps; fit again, or read them from the snapshot store (store=)")
-
-    def animate(self, probes=None, # Which probes (indices into the probe batch); None: all
-                ncols:int=None, interval:int=700, size:float=2.0, **kwargs) -> animation.FuncAnimation:
-        "A matplotlib animation, one frame per recorded moment: each probe and its map, titled with the prediction"
-        self._check_frames()
-        probes = list(range(len(self.probe_xb))) if probes is None else listify(probes)
-        nf = len(self.frames)
-        titles = [[self._probe_title(f, i) for i in probes] for f in range(nf)]
-        if len(probes) == 1: titles = [[f"epoch {_fmt_epoch(self.epochs[f])}: {t[0]}"] for f,t in enumerate(titles)]
-        fts = [f"{self.method_name}, epoch {_fmt_epoch(e)}" for e in self.epochs]
-        return plot.animate(self.probe_xb[probes].cpu(), self.maps[:, probes], titles_frames=titles, frame_titles=fts,
-                            stats=self.norm, ncols=ncols or min(len(probes), 4), interval=interval, size=size, **kwargs)
-
-    def save_gif(self, fname, fps:float=2, dpi:int=80, **kwargs) -> Path:
-        "Write the animation (see `animate`) to the GIF `fname`; returns its path"
-        return plot.save_gif(self.animate(**kwargs), fname, fps=fps, dpi=dpi)
-
-    def to_html(self, **kwargs) -> str:
-        "The animation as HTML with play controls, for notebooks: `IPython.display.HTML(cb.to_html())`"
-        return plot.to_html(self.animate(**kwargs))
-
-    def show_frames(self, probes=None, max_frames:int=6, size:float=1.8, cmap='jet', alpha:float=0.5):
-        "A grid, probes by frames (at most `max_frames`, evenly spaced, first and last included); returns the figure"
-        self._check_frames()
-        probes = list(range(len(self.probe_xb))) if probes is None else listify(probes)
-        titles = [[f"epoch {_fmt_epoch(e)}\n" + (self._task_title(f, i) if self.task not in (None, 'single') else
-                    f"{self._name(self.preds[f, i])} {float(self.probs[f, i]):.0%}") for i in probes]
-                  for f,e in enumerate(self.epochs)]
-        return plot.show_frames(self.probe_xb[probes].cpu(), self.maps[:, probes], titles, max_frames=max_frames,
-                                stats=self.norm, cmap=cmap, alpha=alpha, size=size,
-                                suptitle=f"{self.method_name} of {len(probes)} probes along training")
-
     def __del__(self):
         try: self._close_writer(ended=False)
         except Exception: pass
+
+
+# %% ../nbs/07_saliency.ipynb #91759762
+@patch(as_prop=True)
+def maps(self:SaliencyCallback) -> Tensor:
+    "(frames, probes, H, W) maps in [0,1], float32"
+    return torch.stack(self._maps).float() if self._maps else torch.empty(0)
+
+
+# %% ../nbs/07_saliency.ipynb #4bf0a8e7
+@patch(as_prop=True)
+def logits(self:SaliencyCallback) -> Tensor:
+    "(frames, probes, classes): the raw outputs of the probes"
+    return torch.stack(self._logits) if self._logits else torch.empty(0)
+
+@patch(as_prop=True)
+def probs(self:SaliencyCallback) -> Tensor:
+    "(frames, probes): the probability of the predicted class"
+    return self.logits.softmax(-1).max(-1).values if self._logits else torch.empty(0)
+
+@patch(as_prop=True)
+def preds(self:SaliencyCallback) -> Tensor:
+    "(frames, probes): the predicted class"
+    return self.logits.argmax(-1) if self._logits else torch.empty(0, dtype=torch.long)
+
+
+# %% ../nbs/07_saliency.ipynb #7d1d1498
+@patch(as_prop=True)
+def targets(self:SaliencyCallback) -> Tensor:
+    "(frames, probes): the class each map explains"
+    return torch.stack(self._targets) if self._targets else torch.empty(0, dtype=torch.long)
+
+@patch(as_prop=True)
+def epochs(self:SaliencyCallback) -> list:
+    "The epoch of each frame (fractional with `every=N`)"
+    return [f['epoch'] for f in self.frames]
+
+
+# %% ../nbs/07_saliency.ipynb #aea64104
+@patch
+def _name(self:SaliencyCallback, i) -> str: return str(self.vocab[i]) if self.vocab is not None else str(int(i))
+
+@patch
+def _probe_title(self:SaliencyCallback, f:int, i:int) -> str:
+    "'predicted <class> (p%)', and the true class on a second line where known (the same lines in every frame)"
+    if self.task not in (None, 'single'): return self._task_title(f, i)
+    pred,prob = int(self.preds[f, i]),float(self.probs[f, i])
+    s = f"predicted {self._name(pred)} ({prob:.0%})"
+    if self.labels is not None:
+        y = int(self.labels[i])
+        s += "\n" + ("right" if y == pred else f"true: {self._name(y)}")
+    return s
+
+@patch
+def _check_frames(self:SaliencyCallback):
+    if not self.frames: raise ValueError("no frames yet: fit the learner with this callback first")
+    if not self._maps: raise ValueError("no maps: learn.export() keeps the frames' numbers (cb.frames, cb.metrics), not their "
+                                        "maps; fit again, or read them from the snapshot store (store=)")
+
+
+# %% ../nbs/07_saliency.ipynb #dec7a384
+@patch
+def show_frames(self:SaliencyCallback, probes=None, max_frames:int=6, size:float=1.8, cmap='jet', alpha:float=0.5):
+    "A grid, probes by frames (at most `max_frames`, evenly spaced, first and last included); returns the figure"
+    self._check_frames()
+    probes = list(range(len(self.probe_xb))) if probes is None else listify(probes)
+    titles = [[f"epoch {_fmt_epoch(e)}\n" + (self._task_title(f, i) if self.task not in (None, 'single') else
+                f"{self._name(self.preds[f, i])} {float(self.probs[f, i]):.0%}") for i in probes]
+              for f,e in enumerate(self.epochs)]
+    return plot.show_frames(self.probe_xb[probes].cpu(), self.maps[:, probes], titles, max_frames=max_frames,
+                            stats=self.norm, cmap=cmap, alpha=alpha, size=size,
+                            suptitle=f"{self.method_name} of {len(probes)} probes along training")
+
+
+# %% ../nbs/07_saliency.ipynb #7f8ac177
+@patch
+def animate(self:SaliencyCallback, probes=None, # Which probes (indices into the probe batch); None: all
+            ncols:int=None, interval:int=700, size:float=2.0, **kwargs) -> animation.FuncAnimation:
+    "A matplotlib animation, one frame per recorded moment: each probe and its map, titled with the prediction"
+    self._check_frames()
+    probes = list(range(len(self.probe_xb))) if probes is None else listify(probes)
+    nf = len(self.frames)
+    titles = [[self._probe_title(f, i) for i in probes] for f in range(nf)]
+    if len(probes) == 1: titles = [[f"epoch {_fmt_epoch(self.epochs[f])}: {t[0]}"] for f,t in enumerate(titles)]
+    fts = [f"{self.method_name}, epoch {_fmt_epoch(e)}" for e in self.epochs]
+    return plot.animate(self.probe_xb[probes].cpu(), self.maps[:, probes], titles_frames=titles, frame_titles=fts,
+                        stats=self.norm, ncols=ncols or min(len(probes), 4), interval=interval, size=size, **kwargs)
+
+
+# %% ../nbs/07_saliency.ipynb #99af5754
+@patch
+def save_gif(self:SaliencyCallback, fname, fps:float=2, dpi:int=80, **kwargs) -> Path:
+    "Write the animation (see `animate`) to the GIF `fname`; returns its path"
+    return plot.save_gif(self.animate(**kwargs), fname, fps=fps, dpi=dpi)
+
+
+# %% ../nbs/07_saliency.ipynb #830e10a8
+@patch
+def to_html(self:SaliencyCallback, **kwargs) -> str:
+    "The animation as HTML with play controls, for notebooks: `IPython.display.HTML(cb.to_html())`"
+    return plot.to_html(self.animate(**kwargs))
+
 
 # %% ../nbs/07_saliency.ipynb #8f6a2c76
 SaliencyCallback.max_labels = 4   # target='label' on a multi-label learner: at most this many maps (true labels) per probe
