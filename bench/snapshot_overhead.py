@@ -13,9 +13,12 @@ projection of the overhead at `every` = N: (callback CPU + writer time per saved
 the callback). The projection counts the writer's time in full, though it runs beside training (`background=True`).
 
 Write rates: the store's is the bytes of a step over the time `write_step` takes for it (serialising, writing, fsync,
-index), written alone (no training beside it), alternated with one file of the same size written with plain
-`open().write` and `fsync` in the same folder (the disk's sequential rate) or one object of that size put with s3fs
-(the S3 server's), so that both see the same state of the disk and its caches. The table's column is the same rate
+index), written alone (no training beside it), in blocks alternating with files of the same size written with plain
+`open().write` and `fsync` in the same folder (the disk's sequential rate) or objects of that size put with s3fs (the
+S3 server's). Each plain file is a new one, as each step is. How fast a write goes depends on what the one before left
+in the page cache: the store drops a step file's pages once it is fsynced (`posix_fadvise(DONTNEED)`), so the next
+write reuses them, where a plain file that stays cached makes the next one look for fresh pages (on this VM: 5 times
+slower at times); so the disk's rate is also given for plain files dropped from the cache in the same way. The table's column is the same rate
 during the fits, where the writer's thread shares the CPU with training. The S3 server is moto's
 (`moto[server]`, the one the tests use), started here as a process of its own on a free port: it keeps its objects in
 memory, so its rate is that of the server and the HTTP path, not of a network."""
@@ -34,6 +37,7 @@ p.add_argument('--size', type=int, default=64)
 p.add_argument('--everys', type=str, default='1,10,100')
 p.add_argument('--dtype', choices=['float32', 'float16'], default='float32')
 p.add_argument('--no-s3', action='store_true', help="leave out the S3 server (it needs moto[server] and s3fs)")
+p.add_argument('--rates-only', action='store_true', help='only the write rates: one fit at every=1 for a step to write, no table')
 p.add_argument('--out', type=str, default=None, help='folder for the snapshots (default: a temporary folder, removed after)')
 a = p.parse_args()
 
@@ -62,6 +66,7 @@ if not a.no_s3:                                                   # moto's S3 se
     s3.mkdir('bench')
 targets = ['disk'] + ([] if server is None else ['s3'])
 configs = [None] + [(t, e) for t in targets for e in everys]
+if a.rates_only: configs,a.reps = [('disk', everys[0])],0
 
 class TimedSnapshot(SnapshotCallback):
     "SnapshotCallback that adds up the time the training thread spends in it"
@@ -112,26 +117,37 @@ def fit_once(cfg):
 
 sample = {}                                                       # the tensors of one step, for `rates_alone`
 
-def rates_alone(target:str, n:int=6) -> tuple:
-    "MB/s of the store's `write_step` (synchronous, fsync on) of one step, and of one plain file of the same size, alternated"
+def rates_alone(target:str, n:int=4, rounds:int=2) -> tuple:
+    "MB/s (median) of the store's `write_step` (synchronous, fsync on) of one step, and of plain files of the same size, in alternating blocks of `n`"
     w = SnapshotWriter(str(out/'alone') if target == 'disk' else 's3://bench/alone', fsync=True)
     nb = sum(v.numel()*v.element_size() for v in sample.values())
-    data,store_s,raw_s = os.urandom(nb),[],[]
-    for i in range(n):
-        t0 = time.perf_counter(); w.write_step('train', i, sample); store_s.append(time.perf_counter() - t0)
+    data,times,k = os.urandom(nb),([], [], []),0
+    def plain(name, drop=False):
         t0 = time.perf_counter()
         if target == 'disk':
-            with open(out/'raw.bin', 'wb') as f: f.write(data); f.flush(); os.fsync(f.fileno())
-        else: s3.pipe_file('bench/raw.bin', data)
-        raw_s.append(time.perf_counter() - t0)
+            with open(out/name, 'wb') as f:
+                f.write(data); f.flush(); os.fsync(f.fileno())
+                if drop: os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        else: s3.pipe_file(f'bench/{name}', data)
+        return time.perf_counter() - t0
+    for r in range(rounds):                              # blocks, not single files: what one write leaves in the page cache
+        for i in range(n):                               # changes the rate of the next, whoever writes it
+            t0 = time.perf_counter(); w.write_step('train', k, sample); times[0].append(time.perf_counter() - t0); k += 1
+        for i in range(n): times[1].append(plain(f'raw{r}-{i}.bin'))
+        if target == 'disk':
+            for i in range(n): times[2].append(plain(f'rawd{r}-{i}.bin', drop=True))
     w.close()
-    if target == 'disk': shutil.rmtree(out/'alone'); (out/'raw.bin').unlink()
-    else: s3.rm('bench/alone', recursive=True); s3.rm('bench/raw.bin')
-    return nb, nb/statistics.median(store_s)/1e6, nb/statistics.median(raw_s)/1e6
+    if target == 'disk':
+        shutil.rmtree(out/'alone')
+        for f in out.glob('raw*.bin'): f.unlink()
+    else: s3.rm('bench/alone', recursive=True); s3.rm([f'bench/raw{r}-{i}.bin' for r in range(rounds) for i in range(n)])
+    return (nb,) + tuple(nb/statistics.median(t)/1e6 if t else float('nan') for t in times)
 
 try:
-    fit_once(None); fit_once(('disk', everys[-1]))               # warm-up: allocator, page cache, imports
-    if server is not None: fit_once(('s3', everys[-1]))
+    if a.rates_only: fit_once(configs[0])                        # a step to write: the tensors of its first saved step
+    else:
+        fit_once(None); fit_once(('disk', everys[-1]))           # warm-up: allocator, page cache, imports
+        if server is not None: fit_once(('s3', everys[-1]))
     times,cpus,inside,busy,bytes_ = [{c: [] for c in configs} for _ in range(4)] + [{}]
     for rep in range(a.reps):
         k = rep % len(configs)
@@ -145,6 +161,16 @@ try:
 finally:
     if server is not None: server.terminate(); server.wait()
 
+def print_rates():
+    print(f"Write rates, one step of {alone['disk'][0]/1e6:.1f} MB written alone (write_step(wait=True), fsync on), in blocks of "
+          "four alternating with four plain files of the same size, new files each (open().write + fsync, or one put with s3fs); "
+          "medians of eight:")
+    for t,(nb,st,plain,dropped) in alone.items():
+        print(f"- {t}: the store {st:.0f} MB/s; plain files {plain:.0f} MB/s ({st/plain:.2f} of it)"
+              + (f"; plain files dropped from the page cache once written, as the store does, {dropped:.0f} MB/s "
+                 f"({st/dropped:.2f} of it)" if t == 'disk' else ''))
+
+if a.rates_only: print_rates(); shutil.rmtree(tmp); sys.exit()
 base,base_cpu = min(times[None]),min(cpus[None])
 per_batch = base/len(dls.train)
 print(f"\nresnet18 (pretrained=False), SynthSigns {a.size} px, bs {a.bs}, {len(dls.train)} training batches per fit, "
@@ -160,11 +186,7 @@ for c in configs[1:]:
     print(f"| {c[0]} | {c[1]} | {ns} | {t:.2f} | {t/base:.3f} | {cpu/base_cpu:.3f} | {1e3*sp/max(ns,1):.0f} | {1e3*wb/max(ns,1):.0f} "
           f"| {nb/max(ns,1)/1e6:.1f} | {nb/max(wb, 1e-9)/1e6:.0f} | {100*step_cost/(c[1]*per_batch):.1f}% |")
 print(f"\nwithout the callback: {1e3*per_batch:.0f} ms per training batch (wall, validation included)")
-print(f"\nWrite rates, one step of {alone['disk'][0]/1e6:.1f} MB written alone (write_step(wait=True), fsync on), alternated with "
-      "one plain file of the same size, median of 6:")
-for t,(nb,st,raw) in alone.items():
-    plain = 'open().write + fsync' if t == 'disk' else 'one put with s3fs'
-    print(f"- {t}: the store {st:.0f} MB/s, {plain} {raw:.0f} MB/s: {st/raw:.2f} of it")
+print(); print_rates()
 for t in targets:
     c = (t, everys[0]); nb,_ = bytes_[c]; r = nb/max(statistics.median(busy[c]), 1e-9)/1e6
     print(f"- {t}, during the fits at every={everys[0]} (the writer's thread beside training): {r:.0f} MB/s")

@@ -161,9 +161,10 @@ def remove(self:Location):
 def write(self:Location, data, # Bytes, or a list of bytes-like buffers written one after the other
           fsync:bool=True, # Local: fsync the file and its folder
           exclusive:bool=False, # Fail with `FileExistsError` where the file exists (an object store's conditional PUT)
+          cache:bool=True, # Local, with `fsync`: False drops the written pages from the OS's page cache
          ):
     "Write this file whole: locally through a temporary name renamed into place, on an object store with one PUT"
-    if self.local: return _write_atomic(Path(self.path), data, fsync)
+    if self.local: return _write_atomic(Path(self.path), data, fsync, cache)
     data = data if isinstance(data, (bytes, bytearray)) else b''.join(data)
     if not exclusive: return self.fs.pipe_file(self.path, data)
     try: return self.fs.pipe_file(self.path, data, mode='create')
@@ -202,13 +203,16 @@ def _fsync_path(path, flags=os.O_RDONLY):
 
 # %% ../nbs/01_store.ipynb #24783a7e
 def _write_atomic(path:Path, data, # Bytes, or a list of bytes-like buffers
-                  fsync:bool=True):
+                  fsync:bool=True,
+                  cache:bool=True, # False: once fsynced, drop the file's pages from the OS's page cache (write-once data)
+                 ):
     "Write `data` to `path` through a temporary name, fsynced, then renamed into place"
     tmp = path.with_name(f'.{path.name}.tmp')
     fd = os.open(tmp, os.O_WRONLY|os.O_CREAT|os.O_TRUNC, 0o644)
     try:
         _write_all(fd, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
         if fsync: os.fsync(fd)
+        if fsync and not cache and hasattr(os, 'posix_fadvise'): os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally: os.close(fd)
     os.replace(tmp, path)
     if fsync: _fsync_path(path.parent)
@@ -511,7 +515,7 @@ def _write_file(self:SnapshotWriter, record, tensors):
     bufs = _safetensors_buffers(tensors, dict(mode=record['mode'], step=str(record['step'])))
     f = self.loc/record['file']
     if f.local: os.makedirs(os.path.dirname(f.path), exist_ok=True)
-    try: f.write(bufs, self.fsync)
+    try: f.write(bufs, self.fsync, cache=False)     # written once, read seldom: leave the page cache to the training's data
     except OSError as e:
         if f.local: raise
         raise OSError(f"could not write {f.url!r}: {type(e).__name__}: {e}") from e
