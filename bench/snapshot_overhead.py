@@ -4,7 +4,9 @@ local disk and into an S3 server; the store's write rate against the disk's own 
 resnet18 (pretrained=False) on SynthSigns at 64 px. Fits of the configurations are interleaved (one fit of each per
 repeat, in a rotating order), so a slow spell of the machine hits all of them; the table gives the fastest fit of each
 configuration (interference from other work only ever adds time) and its ratio to the fastest fit without the callback.
-Target: every=100 costs <= 2% of fit time, on disk and on S3.
+Target: every=100 costs <= 2% of fit time, on disk and on S3. The S3 server runs on this machine: on one of few cores,
+give training one core fewer (`--threads`), or the server's work shows up as training time (OpenMP's threads spin at
+every barrier while the server holds a core), which a remote bucket would not cost.
 
 On a shared machine wall-time ratios of a few percent are within the noise, so the table also gives the CPU time of
 the whole process (all threads: what the callback adds in work, whatever else the machine runs), the CPU time the
@@ -36,10 +38,13 @@ p.add_argument('--bs', type=int, default=16)
 p.add_argument('--size', type=int, default=64)
 p.add_argument('--everys', type=str, default='1,10,100')
 p.add_argument('--dtype', choices=['float32', 'float16'], default='float32')
+p.add_argument('--threads', type=int, default=None, help="torch's threads (default: torch's own choice); with the S3 server on "
+               "a machine of few cores, leave it one: OpenMP's threads spin while another process holds a core")
 p.add_argument('--no-s3', action='store_true', help="leave out the S3 server (it needs moto[server] and s3fs)")
 p.add_argument('--rates-only', action='store_true', help='only the write rates: one fit at every=1 for a step to write, no table')
 p.add_argument('--out', type=str, default=None, help='folder for the snapshots (default: a temporary folder, removed after)')
 a = p.parse_args()
+if a.threads: torch.set_num_threads(a.threads)
 
 tmp = Path(tempfile.mkdtemp())
 out = Path(a.out) if a.out else tmp/'snaps'
