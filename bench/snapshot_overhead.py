@@ -11,8 +11,9 @@ every barrier while the server holds a core), which a remote bucket would not co
 On a shared machine wall-time ratios of a few percent are within the noise, so the table also gives the CPU time of
 the whole process (all threads: what the callback adds in work, whatever else the machine runs), the CPU time the
 training thread spent inside the callback and the writer's busy (wall) time, per saved step, and from those a
-projection of the overhead at `every` = N: (callback CPU + writer time per saved step) / (N x time per batch without
-the callback). The projection counts the writer's time in full, though it runs beside training (`background=True`).
+projection of the overhead at `every` = N, a saved step's cost over N x the time of a batch without the callback,
+twice: the callback's CPU alone (the writer runs beside training, `background=True`, on a core of its own where there
+is one), and with the writer's time added (an upper bound: a training that waited for every write).
 
 Write rates: the store's is the bytes of a step over the time `write_step` takes for it (serialising, writing, fsync,
 index), written alone (no training beside it), in blocks alternating with files of the same size written with plain
@@ -20,10 +21,10 @@ index), written alone (no training beside it), in blocks alternating with files 
 S3 server's). Each plain file is a new one, as each step is. How fast a write goes depends on what the one before left
 in the page cache: the store drops a step file's pages once it is fsynced (`posix_fadvise(DONTNEED)`), so the next
 write reuses them, where a plain file that stays cached makes the next one look for fresh pages (on this VM: 5 times
-slower at times); so the disk's rate is also given for plain files dropped from the cache in the same way. The table's column is the same rate
-during the fits, where the writer's thread shares the CPU with training. The S3 server is moto's
-(`moto[server]`, the one the tests use), started here as a process of its own on a free port: it keeps its objects in
-memory, so its rate is that of the server and the HTTP path, not of a network."""
+slower at times); so the disk's rate is also given for plain files dropped from the cache in the same way. The
+table's column is the same rate during the fits, where the writer's thread shares the CPU with training. The S3 server
+is moto's (`moto[server]`, the one the tests use), started here as a process of its own on a free port: it keeps its
+objects in memory and temporary files, so its rate is that of the server and the HTTP path, not of a network."""
 import time, tempfile, argparse, shutil, json, statistics, os, sys, socket, subprocess
 from pathlib import Path
 from fastai.vision.all import *
@@ -102,7 +103,7 @@ def dest(cfg):
 def fit_once(cfg):
     "Seconds for one epoch of fit, snapshot bytes and steps written, seconds in the callback and in the writer"
     set_seed(0)
-    cbs = [] if cfg is None else [TimedSnapshot(dest(cfg), every=cfg[1], valid_every=0, dtype=dtype)]
+    cbs = [] if cfg is None else [TimedSnapshot(dest(cfg), every=cfg[1], valid_every=0, dtype=dtype, max_bytes=None)]
     writer_busy[0] = 0.
     learn = vision_learner(dls, resnet18, pretrained=False, cbs=cbs)
     if dev.type == 'cuda': torch.cuda.synchronize()
@@ -182,14 +183,14 @@ print(f"\nresnet18 (pretrained=False), SynthSigns {a.size} px, bs {a.bs}, {len(d
       f"{len(dls.valid)} validation batches (valid_every=0), {a.reps} interleaved repeats, dtype {a.dtype}, device {dev}, "
       f"torch threads {torch.get_num_threads()}\n")
 print("| store | every | saved steps | fit wall (fastest, s) | wall ratio | process CPU ratio | callback CPU per step (ms) "
-      "| writer per step (ms) | MB per step | store write rate (MB/s) | projected overhead at every=N |")
+      "| writer per step (ms) | MB per step | store write rate (MB/s) | projected overhead at every=N: callback; + writer in full |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 print(f"| - | no callback | 0 | {base:.2f} | 1.000 | 1.000 | - | - | - | - | - |")
 for c in configs[1:]:
     t,cpu = min(times[c]),min(cpus[c]); sp,wb = (statistics.median(d[c]) for d in (inside, busy)); nb,ns = bytes_[c]
     step_cost = (sp + wb)/max(ns, 1)
     print(f"| {c[0]} | {c[1]} | {ns} | {t:.2f} | {t/base:.3f} | {cpu/base_cpu:.3f} | {1e3*sp/max(ns,1):.0f} | {1e3*wb/max(ns,1):.0f} "
-          f"| {nb/max(ns,1)/1e6:.1f} | {nb/max(wb, 1e-9)/1e6:.0f} | {100*step_cost/(c[1]*per_batch):.1f}% |")
+          f"| {nb/max(ns,1)/1e6:.1f} | {nb/max(wb, 1e-9)/1e6:.0f} | {100*sp/max(ns,1)/(c[1]*per_batch):.2f}%; {100*step_cost/(c[1]*per_batch):.1f}% |")
 print(f"\nwithout the callback: {1e3*per_batch:.0f} ms per training batch (wall, validation included)")
 print(); print_rates()
 for t in targets:
