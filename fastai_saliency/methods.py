@@ -233,6 +233,7 @@ def _cam_raw(model, xb, pairs, variant, target, relu, reshape=None, output=None,
     lays = {n:feature_layout(model, n, acts[n].shape, r.x.shape[-2:], _reshape_for(reshape, n), len(r.x), v.title)
             for n,_ in pairs}
     if v.grads: _check_grads([n for n,_ in pairs], r.grads)
+    fixed = fixed_target(r.logits, target) if v.model else None   # the forward-pass variants score copies by it
     raw = {}
     for n,m in pairs:
         lay,a,gr = lays[n],acts[n].detach(),r.grads.get(n)
@@ -240,7 +241,7 @@ def _cam_raw(model, xb, pairs, variant, target, relu, reshape=None, output=None,
             raise ValueError(f"the logits depend on the output of {n!r} only through its {lay.prefix} prefix token(s) "
                              f"(class-token pooling after it), so its grid tokens get no gradient; use a layer before the "
                              f"last attention{layer_hint(model)}")
-        ctx = AttrDict(model=model, x=r.x, target=r.target, fixed=fixed_target(r.logits, target), score=r.score, layer=m, layout=lay,
+        ctx = AttrDict(model=model, x=r.x, target=r.target, fixed=fixed, score=r.score, layer=m, layout=lay,
                        output=output, **kwargs)
         raw[n] = cam_map(a, gr, variant, lay, relu, ctx)
     return raw, r.x
