@@ -4,13 +4,19 @@ the process's VmHWM on CPU, reset before each call; the allocator's peak on CUDA
 224 px, batch 8, at the last conv stage (`layer4`, `conv_head`: the default layers), each method's target the predicted
 class. `bench/methods.py --family` runs this.
 
+Timing: every call is warmed up once (a new input shape costs oneDNN a first slow call, which would otherwise fall on
+whichever library runs first), then timed `--repeats` times, the libraries taking turns; calls that took longer than
+`--long` seconds to warm up are timed once. Peak memory is measured in a child process whose malloc hands large blocks
+back to the system at once (MALLOC_MMAP_THRESHOLD_), so that resident memory follows live tensors (in this process
+the allocator keeps what the previous call freed, and a call reusing it shows no growth), each call after a warm-up.
+
 ScoreCAM and AblationCAM make a forward pass per channel and image (2048 and 1280 channels): on a CPU they are timed at
 `--slow-batch` images of `--slow-size` px (default 1 image of 64 px; one call, which also measures memory), said so in the table. Integrated Gradients with
 `--ig-steps` points (captum's default rule, Gauss-Legendre), SmoothGrad with `--sg-samples` samples, occlusion with
 `--occ-window` windows and strides: the same settings for every library. Columns without a number: the library does not
 have the method.
 """
-import argparse, os, sys, time, statistics, warnings
+import argparse, os, sys, time, statistics, warnings, json, subprocess
 import torch, timm
 from torchvision.models import resnet50
 from fastai_saliency.methods import saliency_maps
@@ -22,12 +28,14 @@ p.add_argument('--size', type=int, default=224)
 p.add_argument('--slow-batch', type=int, default=1)
 p.add_argument('--slow-size', type=int, default=64)
 p.add_argument('--repeats', type=int, default=3)
+p.add_argument('--long', type=float, default=5., help='calls slower than this (s) are timed once')
 p.add_argument('--ig-steps', type=int, default=16)
 p.add_argument('--sg-samples', type=int, default=8)
 p.add_argument('--occ-window', type=int, default=56)
 p.add_argument('--methods', default=None, help='a comma-separated subset')
 p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 p.add_argument('--threads', type=int, default=None)
+p.add_argument('--memory-only', action='store_true', help=argparse.SUPPRESS)   # the child process that measures memory
 a = p.parse_args()
 if a.threads: torch.set_num_threads(a.threads)
 warnings.simplefilter('ignore')
@@ -112,36 +120,65 @@ ATTR = ('fullgrad', 'gradient', 'inputxgrad', 'integrated_gradients', 'smoothgra
 LIBS = ('ours', 'pgc', 'torchcam', 'captum')
 
 def bench(fs:dict, repeats:int):
-    "Median ms of `repeats` calls after a first one that measures peak memory (also the warm-up); with `repeats` 0, that call's time"
-    mb,ts = {},{k:[] for k in fs}
+    "Median ms of `repeats` calls of each function, the functions taking turns, after one warm-up call each"
+    ts,n = {k:[] for k in fs},{}
     for k,f in fs.items():
-        t0 = time.perf_counter(); mb[k] = peak_mb(f); sync()
-        if not repeats: ts[k].append((time.perf_counter() - t0)*1000)
-    for _ in range(repeats):
+        sync(); t0 = time.perf_counter(); f(); sync()
+        n[k] = repeats if time.perf_counter() - t0 < a.long else 1
+    for r in range(repeats):
         for k,f in fs.items():
+            if r >= n[k]: continue
             sync(); t0 = time.perf_counter(); f(); sync(); ts[k].append((time.perf_counter() - t0)*1000)
-    return {k:statistics.median(v) for k,v in ts.items()}, mb
+    return {k:statistics.median(v) for k,v in ts.items()}
+
+def memory(fs:dict):
+    "Peak MiB of one call of each function, after a warm-up call"
+    res = {}
+    for k,f in fs.items(): f(); res[k] = peak_mb(f)
+    return res
+
+def child_memory() -> dict:
+    "arch -> method -> library -> peak MiB, from this script run as a child process with malloc returning large blocks at once"
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+    r = subprocess.run([sys.executable, __file__, '--memory-only'] + sys.argv[1:], env=env, capture_output=True, text=True)
+    if r.returncode: print(f"memory child failed:\n{r.stderr[-2000:]}"); return {}
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 import contextlib, io
+def tables():
+    "(arch, method name, {library: function}) for every method asked for"
+    want = None if a.methods is None else a.methods.split(',')
+    for arch in a.archs.split(','):
+        model,layer = model_for(arch)
+        torch.manual_seed(0)
+        x = torch.randn(a.bs, 3, a.size, a.size, device=dev)
+        with torch.no_grad(): t = model(x).argmax(1)
+        xs = torch.randn(a.slow_batch, 3, a.slow_size, a.slow_size, device=dev)
+        with torch.no_grad(): ts = model(xs).argmax(1)
+        for name,fs in {**calls(arch, model, layer, x, t), **slow_calls(model, layer, xs, ts)}.items():
+            if not want or name in want: yield arch,name,fs
+
+if a.memory_only:
+    res = {}
+    for arch,name,fs in tables():
+        with contextlib.redirect_stderr(io.StringIO()): res.setdefault(arch, {})[name] = memory(fs)
+    print(json.dumps(res)); sys.exit()
+
 print(f"device {dev}, torch threads {torch.get_num_threads()}, {a.bs} images of {a.size} px (ScoreCAM, AblationCAM: {a.slow_batch} of {a.slow_size} px), "
-      f"median of {a.repeats} calls; IG {a.ig_steps} steps, SmoothGrad {a.sg_samples} samples, occlusion {a.occ_window} px windows")
+      f"median of {a.repeats} calls after a warm-up (calls over {a.long:g} s: one); IG {a.ig_steps} steps, SmoothGrad {a.sg_samples} samples, "
+      f"occlusion {a.occ_window} px windows")
+rows = []
+for arch,name,fs in tables():
+    with contextlib.redirect_stderr(io.StringIO()):
+        rows.append((arch, name, bench(fs, a.repeats), memory(fs) if dev.type == 'cuda' else None))
+    print(f"timed {arch} {name}", file=sys.stderr, flush=True)
+mem = None if dev.type == 'cuda' else child_memory()
 hdr = f"{'arch':16s} {'method':21s} " + ' '.join(f"{l+' ms':>11s}" for l in LIBS) + f" {'best other/ours':>15s} " + ' '.join(f"{l+' MiB':>10s}" for l in LIBS)
 print(hdr); print('-'*len(hdr))
-want = None if a.methods is None else a.methods.split(',')
-for arch in a.archs.split(','):
-    model,layer = model_for(arch)
-    torch.manual_seed(0)
-    x = torch.randn(a.bs, 3, a.size, a.size, device=dev)
-    with torch.no_grad(): t = model(x).argmax(1)
-    xs = torch.randn(a.slow_batch, 3, a.slow_size, a.slow_size, device=dev)
-    with torch.no_grad(): ts = model(xs).argmax(1)
-    table = {**calls(arch, model, layer, x, t), **slow_calls(model, layer, xs, ts)}
-    for name,fs in table.items():
-        if want and name not in want: continue
-        slow = name in ('scorecam', 'ablationcam')
-        with contextlib.redirect_stderr(io.StringIO()): ms,mb = bench(fs, 0 if slow else a.repeats)
-        others = [ms[l] for l in LIBS[1:] if l in ms]
-        ratio = f"{min(others)/ms['ours']:.2f}x" if others else '-'
-        lab = name + (f" ({a.slow_batch}x{a.slow_size}px)" if slow else '')
-        print(f"{arch:16s} {lab:21s} " + ' '.join(f"{ms[l]:11.0f}" if l in ms else f"{'-':>11s}" for l in LIBS) + f" {ratio:>15s} "
-              + ' '.join(f"{mb[l]:10.0f}" if l in mb else f"{'-':>10s}" for l in LIBS), flush=True)
+for arch,name,ms,cuda_mb in rows:
+    mb = cuda_mb or (mem or {}).get(arch, {}).get(name, {})
+    others = [ms[l] for l in LIBS[1:] if l in ms]
+    ratio = f"{min(others)/ms['ours']:.2f}x" if others else '-'
+    lab = name + (f" ({a.slow_batch}x{a.slow_size}px)" if name in ('scorecam', 'ablationcam') else '')
+    print(f"{arch:16s} {lab:21s} " + ' '.join(f"{ms[l]:11.0f}" if l in ms else f"{'-':>11s}" for l in LIBS) + f" {ratio:>15s} "
+          + ' '.join(f"{mb[l]:10.0f}" if l in mb else f"{'-':>10s}" for l in LIBS), flush=True)

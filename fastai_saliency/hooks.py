@@ -206,11 +206,11 @@ class GraphOutputs(HookSet):
 @contextmanager
 def eval_mode(model:nn.Module):
     "Put `model` in eval mode inside the block; restore each submodule's own `training` flag after"
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    was = [m for m in model.modules() if m.training]      # a model already in eval mode is left alone (a call costs ~1 ms on 300 modules)
+    if was: model.eval()
     try: yield model
     finally:
-        for m,t in modes: m.training = t
+        for m in was: m.training = True
 
 # %% ../nbs/00_hooks.ipynb #561cac50
 def model_device(model:nn.Module) -> torch.device:
