@@ -8,12 +8,19 @@ Target: every=100 costs <= 2% of fit time, on disk and on S3. The S3 server runs
 give training one core fewer (`--threads`), or the server's work shows up as training time (OpenMP's threads spin at
 every barrier while the server holds a core), which a remote bucket would not cost.
 
-On a shared machine wall-time ratios of a few percent are within the noise, so the table also gives the CPU time of
-the whole process (all threads: what the callback adds in work, whatever else the machine runs), the CPU time the
-training thread spent inside the callback and the writer's busy (wall) time, per saved step, and from those a
-projection of the overhead at `every` = N, a saved step's cost over N x the time of a batch without the callback,
-twice: the callback's CPU alone (the writer runs beside training, `background=True`, on a core of its own where there
-is one), and with the writer's time added (an upper bound: a training that waited for every write).
+On a shared machine wall-time ratios of a few percent are within the noise (on these VMs fits of the same configuration
+take from 15.6 to 25 s as the host's load comes and goes, CPU time with them), so the table also gives the CPU time of
+the whole process (all threads: what the callback adds in work), the CPU time the training thread spent inside the
+callback, and the writer's busy (wall) time and CPU time, per saved step; and from those a projection of the overhead
+at `every` = N, a saved step's cost over N x the time of a batch without the callback, three times: the callback's
+CPU alone (the writer runs beside training, `background=True`, on a core of its own where there is one); with the
+writer's CPU added (what it costs where the writer takes its CPU from training, as on 2 busy cores); and with the
+writer's wall time added (an upper bound: a training that waited for every write, network waits included).
+
+`--paired` measures that cost in wall time where the machine's drift cannot hide it: one fit of `--batches` batches
+per store with `every` = the last of `--everys`, timing every training batch; a saved step's cost is the time of the
+`--window` batches from the one that saves it on, less that many times the median batch of the 20 before and the 20
+after them; the same sum at positions halfway between saved steps (no save there) gives the noise floor.
 
 Write rates: the store's is the bytes of a step over the time `write_step` takes for it (serialising, writing, fsync,
 index), written alone (no training beside it), in blocks alternating with files of the same size written with plain
@@ -41,8 +48,13 @@ p.add_argument('--everys', type=str, default='1,10,100')
 p.add_argument('--dtype', choices=['float32', 'float16'], default='float32')
 p.add_argument('--threads', type=int, default=None, help="torch's threads (default: torch's own choice); with the S3 server on "
                "a machine of few cores, leave it one: OpenMP's threads spin while another process holds a core")
+p.add_argument('--window', type=int, default=6, help='--paired: batches after a saved step that its cost may fall on')
+p.add_argument('--nice-server', action='store_true', help="run the S3 server at the lowest CPU priority: it stands in for a bucket "
+               "on other machines, whose work is not this machine's; without it, on 2 cores, its CPU is taken from training")
 p.add_argument('--no-s3', action='store_true', help="leave out the S3 server (it needs moto[server] and s3fs)")
 p.add_argument('--rates-only', action='store_true', help='only the write rates: one fit at every=1 for a step to write, no table')
+p.add_argument('--paired', action='store_true', help="only the cost of saved steps in wall time, measured inside one long fit "
+               "per store (use with --batches 1000): see the note at the top")
 p.add_argument('--out', type=str, default=None, help='folder for the snapshots (default: a temporary folder, removed after)')
 a = p.parse_args()
 if a.threads: torch.set_num_threads(a.threads)
@@ -62,7 +74,7 @@ server = None
 if not a.no_s3:                                                   # moto's S3 server, a process of its own
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, '-m', 'moto.server', '-H', '127.0.0.1', '-p', str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=(lambda: os.nice(19)) if a.nice_server else None)
     os.environ.update(AWS_ENDPOINT_URL=f'http://127.0.0.1:{port}', AWS_ACCESS_KEY_ID='bench', AWS_SECRET_ACCESS_KEY='bench',
                       AWS_DEFAULT_REGION='us-east-1')
     for _ in range(300):
@@ -88,12 +100,12 @@ class TimedSnapshot(SnapshotCallback):
         try: return super()._keep(name, t)
         finally: self.spent += time.thread_time() - t0
 
-writer_busy = [0.]
+writer_busy,writer_cpu = [0.],[0.]
 _write = SnapshotWriter._write
 def timed_write(self, *args):
-    t0 = time.perf_counter()
+    t0,c0 = time.perf_counter(),time.thread_time()
     try: return _write(self, *args)
-    finally: writer_busy[0] += time.perf_counter() - t0
+    finally: writer_busy[0] += time.perf_counter() - t0; writer_cpu[0] += time.thread_time() - c0
 SnapshotWriter._write = timed_write
 
 def dest(cfg):
@@ -104,7 +116,7 @@ def fit_once(cfg):
     "Seconds for one epoch of fit, snapshot bytes and steps written, seconds in the callback and in the writer"
     set_seed(0)
     cbs = [] if cfg is None else [TimedSnapshot(dest(cfg), every=cfg[1], valid_every=0, dtype=dtype, max_bytes=None)]
-    writer_busy[0] = 0.
+    writer_busy[0] = writer_cpu[0] = 0.
     learn = vision_learner(dls, resnet18, pretrained=False, cbs=cbs)
     if dev.type == 'cuda': torch.cuda.synchronize()
     t0,c0 = time.perf_counter(),time.process_time()
@@ -119,7 +131,7 @@ def fit_once(cfg):
         if not sample and nsteps: sample.update(t.tensors(t.steps('train')[0]))
         if cfg[0] == 'disk': shutil.rmtree(run)                  # keep the disk use of the benchmark small
         else: s3.rm(run[len('s3://'):], recursive=True)
-    return secs, cpu, nbytes, nsteps, (cbs[0].spent if cbs else 0.), writer_busy[0]
+    return secs, cpu, nbytes, nsteps, (cbs[0].spent if cbs else 0.), writer_busy[0], writer_cpu[0]
 
 sample = {}                                                       # the tensors of one step, for `rates_alone`
 
@@ -149,21 +161,66 @@ def rates_alone(target:str, n:int=4, rounds:int=2) -> tuple:
     else: s3.rm('bench/alone', recursive=True); s3.rm([f'bench/raw{r}-{i}.bin' for r in range(rounds) for i in range(n)])
     return (nb,) + tuple(nb/statistics.median(t)/1e6 if t else float('nan') for t in times)
 
+class BatchTimes(Callback):
+    "The wall time between consecutive training batches' ends, and the `train_iter` of each"
+    order = 100
+    def before_fit(self): self.times,self.last = {},None
+    def before_epoch(self): self.last = None
+    def before_batch(self):
+        if self.training and self.last is None: self.last = time.perf_counter()
+    def after_batch(self):
+        if not self.training: return
+        t = time.perf_counter(); self.times[self.train_iter - 1] = t - self.last; self.last = t
+
+def window_costs(d:dict, at:list, w:int) -> list:
+    "For each batch index in `at`: the time of the `w` batches from it on, less `w` x the median of the 20 before and after"
+    res = []
+    for k in at:
+        around = [d[j] for j in list(range(k - 20, k)) + list(range(k + w, k + w + 20)) if j in d]
+        if all(j in d for j in range(k, k + w)) and len(around) >= 20:
+            res.append(sum(d[j] for j in range(k, k + w)) - w*statistics.median(around))
+    return res
+
+def paired():
+    every = everys[-1]
+    print(f"Saved steps' cost in wall time inside one fit of {len(dls.train)} batches per store, every={every} (resnet18, "
+          f"SynthSigns {a.size} px, bs {a.bs}, torch threads {torch.get_num_threads()}); window {a.window} batches"
+          f"{'; the S3 server at nice 19' if a.nice_server else ''}:\n")
+    print("| store | saved steps measured | cost per saved step (ms, mean; median) | noise floor at unsaved positions (ms, mean; median) "
+          "| median batch (ms) | overhead at every=N (mean cost / N batches) |")
+    print("|---|---|---|---|---|---|")
+    for t in targets:
+        set_seed(0)
+        bt = BatchTimes()
+        cb = SnapshotCallback(dest((t, every)), every=every, valid_every=0, dtype=dtype, max_bytes=None)
+        learn = vision_learner(dls, resnet18, pretrained=False, cbs=[cb, bt])
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+        d = bt.times
+        saves = [k for k in range(every, len(dls.train), every)]          # step 0 falls on the first, slow, batch
+        costs,floor = window_costs(d, saves, a.window),window_costs(d, [k + every//2 for k in saves], a.window)
+        med = statistics.median(d.values())
+        print(f"| {t} | {len(costs)} | {1e3*statistics.mean(costs):.0f}; {1e3*statistics.median(costs):.0f} "
+              f"| {1e3*statistics.mean(floor):.0f}; {1e3*statistics.median(floor):.0f} | {1e3*med:.0f} "
+              f"| {100*statistics.mean(costs)/(every*med):.2f}% |", flush=True)
+        if t == 'disk': shutil.rmtree(cb.run_path)
+        else: s3.rm(cb.run_path[len('s3://'):], recursive=True)
+
 try:
-    if a.rates_only: fit_once(configs[0])                        # a step to write: the tensors of its first saved step
+    if a.paired: paired(); a.reps = 0
+    elif a.rates_only: fit_once(configs[0])                        # a step to write: the tensors of its first saved step
     else:
         fit_once(None); fit_once(('disk', everys[-1]))           # warm-up: allocator, page cache, imports
         if server is not None: fit_once(('s3', everys[-1]))
-    times,cpus,inside,busy,bytes_ = [{c: [] for c in configs} for _ in range(4)] + [{}]
+    times,cpus,inside,busy,wcpu,bytes_ = [{c: [] for c in configs} for _ in range(5)] + [{}]
     for rep in range(a.reps):
         k = rep % len(configs)
         for c in configs[k:] + configs[:k]:                      # rotate the order from repeat to repeat
-            secs,cpu,nb,ns,spent,wb = fit_once(c)
-            times[c].append(secs); cpus[c].append(cpu); inside[c].append(spent); busy[c].append(wb)
+            secs,cpu,nb,ns,spent,wb,wc = fit_once(c)
+            times[c].append(secs); cpus[c].append(cpu); inside[c].append(spent); busy[c].append(wb); wcpu[c].append(wc)
             if c is not None: bytes_[c] = (nb, ns)
             print(f"rep {rep} {'none' if c is None else f'{c[0]} every={c[1]}'}: {secs:.2f} s, CPU {cpu:.2f} s "
-                  f"(in callback {spent:.3f} s CPU, writer {wb:.3f} s)", flush=True)
-    alone = {t: rates_alone(t) for t in targets}
+                  f"(in callback {spent:.3f} s CPU, writer {wb:.3f} s, of it CPU {wc:.3f} s)", flush=True)
+    if not a.paired: alone = {t: rates_alone(t) for t in targets}
 finally:
     if server is not None: server.terminate(); server.wait()
 
@@ -176,6 +233,7 @@ def print_rates():
               + (f"; plain files dropped from the page cache once written, as the store does, {dropped:.0f} MB/s "
                  f"({st/dropped:.2f} of it)" if t == 'disk' else ''))
 
+if a.paired: shutil.rmtree(tmp); sys.exit()
 if a.rates_only: print_rates(); shutil.rmtree(tmp); sys.exit()
 base,base_cpu = min(times[None]),min(cpus[None])
 per_batch = base/len(dls.train)
@@ -183,14 +241,15 @@ print(f"\nresnet18 (pretrained=False), SynthSigns {a.size} px, bs {a.bs}, {len(d
       f"{len(dls.valid)} validation batches (valid_every=0), {a.reps} interleaved repeats, dtype {a.dtype}, device {dev}, "
       f"torch threads {torch.get_num_threads()}\n")
 print("| store | every | saved steps | fit wall (fastest, s) | wall ratio | process CPU ratio | callback CPU per step (ms) "
-      "| writer per step (ms) | MB per step | store write rate (MB/s) | projected overhead at every=N: callback; + writer in full |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
-print(f"| - | no callback | 0 | {base:.2f} | 1.000 | 1.000 | - | - | - | - | - |")
+      "| writer per step (ms) | of it CPU (ms) | MB per step | store write rate (MB/s) "
+      "| projected overhead at every=N: callback; + writer's CPU; + writer in full |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print(f"| - | no callback | 0 | {base:.2f} | 1.000 | 1.000 | - | - | - | - | - | - |")
 for c in configs[1:]:
-    t,cpu = min(times[c]),min(cpus[c]); sp,wb = (statistics.median(d[c]) for d in (inside, busy)); nb,ns = bytes_[c]
-    step_cost = (sp + wb)/max(ns, 1)
+    t,cpu = min(times[c]),min(cpus[c]); sp,wb,wc = (statistics.median(d[c]) for d in (inside, busy, wcpu)); nb,ns = bytes_[c]
+    per = lambda secs: 100*secs/max(ns, 1)/(c[1]*per_batch)       # seconds per fit -> % of the N batches between saved steps
     print(f"| {c[0]} | {c[1]} | {ns} | {t:.2f} | {t/base:.3f} | {cpu/base_cpu:.3f} | {1e3*sp/max(ns,1):.0f} | {1e3*wb/max(ns,1):.0f} "
-          f"| {nb/max(ns,1)/1e6:.1f} | {nb/max(wb, 1e-9)/1e6:.0f} | {100*sp/max(ns,1)/(c[1]*per_batch):.2f}%; {100*step_cost/(c[1]*per_batch):.1f}% |")
+          f"| {1e3*wc/max(ns,1):.0f} | {nb/max(ns,1)/1e6:.1f} | {nb/max(wb, 1e-9)/1e6:.0f} | {per(sp):.2f}%; {per(sp + wc):.2f}%; {per(sp + wb):.1f}% |")
 print(f"\nwithout the callback: {1e3*per_batch:.0f} ms per training batch (wall, validation included)")
 print(); print_rates()
 for t in targets:
