@@ -11,7 +11,7 @@ back to the system at once (MALLOC_MMAP_THRESHOLD_), so that resident memory fol
 the allocator keeps what the previous call freed, and a call reusing it shows no growth), each call after a warm-up.
 
 ScoreCAM and AblationCAM make a forward pass per channel and image (2048 and 1280 channels): on a CPU they are timed at
-`--slow-batch` images of `--slow-size` px (default 1 image of 64 px; one call, which also measures memory), said so in the table. Integrated Gradients with
+`--slow-batch` images of `--slow-size` px (default 1 image of 64 px), said so in the table. Integrated Gradients with
 `--ig-steps` points (captum's default rule, Gauss-Legendre), SmoothGrad with `--sg-samples` samples, occlusion with
 `--occ-window` windows and strides: the same settings for every library. Columns without a number: the library does not
 have the method.
