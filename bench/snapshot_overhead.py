@@ -112,6 +112,11 @@ def dest(cfg):
     t,e = cfg
     return str(out/f'every{e}') if t == 'disk' else f's3://bench/every{e}'
 
+def remove_run(store:str, run:str):
+    "Delete a fit's run from the disk or the bucket (keeps the benchmark's disk and server memory small)"
+    if store == 'disk': shutil.rmtree(run)
+    else: s3.rm(run[len('s3://'):], recursive=True)
+
 def fit_once(cfg):
     "Seconds for one epoch of fit, snapshot bytes and steps written, seconds in the callback and in the writer"
     set_seed(0)
@@ -129,8 +134,7 @@ def fit_once(cfg):
         t = Trial(run)
         for s in t.steps('train'): nbytes += t.step_info(s, 'train')['bytes']; nsteps += 1
         if not sample and nsteps: sample.update(t.tensors(t.steps('train')[0]))
-        if cfg[0] == 'disk': shutil.rmtree(run)                  # keep the disk use of the benchmark small
-        else: s3.rm(run[len('s3://'):], recursive=True)
+        remove_run(cfg[0], run)
     return secs, cpu, nbytes, nsteps, (cbs[0].spent if cbs else 0.), writer_busy[0], writer_cpu[0]
 
 sample = {}                                                       # the tensors of one step, for `rates_alone`
@@ -202,8 +206,7 @@ def paired():
         print(f"| {t} | {len(costs)} | {1e3*statistics.mean(costs):.0f}; {1e3*statistics.median(costs):.0f} "
               f"| {1e3*statistics.mean(floor):.0f}; {1e3*statistics.median(floor):.0f} | {1e3*med:.0f} "
               f"| {100*statistics.mean(costs)/(every*med):.2f}% |", flush=True)
-        if t == 'disk': shutil.rmtree(cb.run_path)
-        else: s3.rm(cb.run_path[len('s3://'):], recursive=True)
+        remove_run(t, cb.run_path)
 
 try:
     if a.paired: paired(); a.reps = 0
