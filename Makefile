@@ -20,7 +20,7 @@ DEMO_ARGS ?=
 PYTEST_N ?= -n 2 --dist loadfile
 DEMO_OUT := demo_out
 
-.PHONY: demo test venv export check-export nbtest browser pytest compat clean
+.PHONY: demo test venv export check-export nbtest browser setup-extras pytest compat clean
 
 $(VENV)/.installed: requirements-dev.txt requirements-xcheck.txt settings.ini setup.py
 	@echo "==> Setting up $(VENV) with the pinned development stack (first time: a few minutes)"
@@ -85,7 +85,13 @@ compat: $(COMPAT)/.installed
 	@$(COMPAT)/bin/python -c "import fastai, fastcore; print('fastai', fastai.__version__, 'fastcore', fastcore.__version__)"
 	time OMP_NUM_THREADS=1 $(COMPAT)/bin/python -m pytest tests/ -q $(PYTEST_N)
 
-test: check-export nbtest browser pytest compat
+# The notebooks keep both cores busy for minutes while the browser and the compatibility venv mostly wait on the network
+# and the disk: those two are set up beside the notebooks (their output held back until each is done), then both pytests
+test: check-export
+	@$(MAKE) --no-print-directory -j2 --output-sync=target nbtest setup-extras
+	@$(MAKE) --no-print-directory pytest compat
+
+setup-extras: browser $(COMPAT)/.installed
 
 clean:
 	rm -rf $(VENV) $(COMPAT) $(CACHE) _proc _docs
