@@ -30,7 +30,7 @@ class SaliencyCallback(Callback):
                  n:int=8, # How many probes when `items` is None
                  every='epoch', # 'epoch': a frame after each epoch; an int: after every `every` training batches
                  layer=None, # The layer of 'gradcam' and 'cam' (see `find_layer`); None: the last conv block
-                 target='label', # 'label' (the true class where known, else the predicted one; other tasks: see `_setup_task`), 'pred', an int, a class name, one per probe, a callable
+                 target='label', # 'label' (the true class where known, else the predicted one; other tasks: see `_setup_task`), 'pred', an int or a class name (a class named 'label' or 'pred': its index), one per probe, a callable
                  store=None, # A folder of runs, or its URL (`s3://bucket/runs`): each fit also writes its frames to a new run there (mode 'predict')
                  metrics=None, # Scores of every frame: 'pointing', 'deletion', 'insertion', or functions (model, xb, maps, target) -> (B,)
                  boxes=None, # The probes' boxes (N,4) in input pixels, for 'pointing'; None: from the validation DataFrame (SynthSigns)
@@ -43,8 +43,6 @@ class SaliencyCallback(Callback):
         if every != 'epoch' and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"every must be 'epoch' or an int >= 1 (training batches), got {every!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n must be an int >= 1, got {n!r}")
-        if isinstance(target, str) and target not in ('label', 'pred'):
-            raise ValueError(f"target must be 'label', 'pred', None, an int or one int per probe; got {target!r}")
         if method == 'fullgrad' and layer is not None: raise ValueError("FullGrad uses every layer: layer must be None")
         if m.layer is False and layer is not None: raise ValueError(f"{m.title} takes no layer: layer must be None, not {layer!r}")
         if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 2):
@@ -78,10 +76,18 @@ class SaliencyCallback(Callback):
             self.item_idxs = items if isinstance(items, list) and all(isinstance(i, int) for i in items) else None
         self.norm = dls_norm(self.dls)
         self.vocab = data_vocab(self.dls)
+        self._check_name_target()
         self._setup_task()
         if methods.get_method(self.method).layer and (self.method != 'cam' or self.layer is not None):
             self.layer = layer_name(self.model, self.layer)   # a name, also for a module or regex
         self._setup_scores()
+
+    def _check_name_target(self):
+        "A class name as `target` names a class of the data: else the error says what would be right, before any training"
+        if not isinstance(self.target, str) or self.target in ('label', 'pred'): return
+        names = None if self.vocab is None else [str(v) for v in self.vocab]
+        if names is None: raise ValueError(f"target={self.target!r} is a class name, but the data has no vocab: pass 'label', 'pred' or an index")
+        if self.target not in names: raise ValueError(f"target={self.target!r} is neither 'label', 'pred' nor a class name of the data: {names}")
 
     def before_fit(self):
         self.run = in_main_fit(self.learn)

@@ -98,6 +98,23 @@ def test_target_per_probe_and_custom_method(signs):
     m = learn.saliency.maps[0]
     assert torch.allclose(m, learn.saliency.probe_xb.float().pow(2).sum(1).half().float())
 
+def test_target_by_class_name(signs):
+    "A class name as target explains that class in every probe; a name the data lacks is refused before any batch"
+    dls = dls_of(signs)
+    calls = []
+    def energy(model, xb, target):
+        calls.append(target.tolist())
+        return xb.float().pow(2).sum(1)
+    learn = Learner(dls, tiny(dls.c), cbs=SaliencyCallback(energy, items=[0, 1], target=str(dls.vocab[3])))
+    learn.fit(1, 1e-2)
+    assert calls == [[3, 3], [3, 3]]
+    learn = Learner(dls, tiny(dls.c))
+    w = [p.detach().clone() for p in learn.model.parameters()]
+    for bad in ('true', 'Stop'):
+        with pytest.raises(ValueError, match=rf"target='{bad}' is neither 'label', 'pred' nor a class name of the data: \['"):
+            learn.fit(1, 1e-2, cbs=FullGradCallback(n=2, target=bad))
+    assert n_hooks(learn.model) == 0 and all(torch.equal(a, b) for a,b in zip(w, learn.model.parameters()))   # no batch ran
+
 def test_frames_do_not_depend_on_the_other_callbacks(signs):
     "The same seed gives the same frames alone and beside another saliency callback"
     def run(cbs):
