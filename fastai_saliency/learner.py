@@ -170,11 +170,15 @@ def show_saliency(self:Learner, method='gradcam', # A method's name (`methods.me
     return _show(self, xb, maps, titles, what, cmap, alpha, ncols, **kwargs)
 
 # %% ../nbs/08_learner.ipynb #871cc570
-_LAYER_METHODS = dict(gradcam='Grad-CAM', activation='Mean activation')   # the names `method` takes and figure titles
+def _layer_title(method:str) -> str:
+    "The figure's title of `method`: a CAM variant's title, or 'Mean activation'"
+    return 'Mean activation' if method == 'activation' else methods.cam_variant(method).title
 
 # %% ../nbs/08_learner.ipynb #221bbe56
 def _check_method(method:str, target):
-    if method not in _LAYER_METHODS: raise ValueError(f"method must be one of {list(_LAYER_METHODS)}, not {method!r}")
+    if method != 'activation' and method not in methods.CAM_VARIANTS:
+        raise ValueError(f"method must be a CAM variant ({', '.join(map(repr, methods.CAM_VARIANTS))}) or 'activation', not {method!r}: "
+                         "the other methods have no layer (see `learn.show_saliency`)")
     if method == 'activation' and target is not None:
         raise ValueError("target has no effect with method='activation' (a layer's mean activation has no class): leave it None")
 
@@ -189,15 +193,15 @@ def _one_image(learn:Learner, item) -> tuple:
 # %% ../nbs/08_learner.ipynb #4b7b7c0f
 def _layer_maps(learn:Learner, xb, method:str, layers, target, reshape=None, output=None) -> tuple:
     "Maps (1,H,W) at `layers` (default: `depth_layers`) for the one-image batch `xb`, and each layer's native (h,w)"
-    return methods.layer_maps(_model(learn), xb, layers, method, target=target if method == 'gradcam' else None,
+    return methods.layer_maps(_model(learn), xb, layers, method, target=target if method != 'activation' else None,
                               reshape=reshape, output=output)
 
 # %% ../nbs/08_learner.ipynb #9baae10c
 @patch
 def layer_heatmaps(self:Learner, item=0, # A validation index, a file, a PIL image or a (C,H,W)/(1,C,H,W) tensor
-                   method:str='gradcam', # 'gradcam' or 'activation' (channel-mean of each layer's output)
+                   method:str='gradcam', # A CAM variant (`methods.CAM_VARIANTS`: 'gradcam', 'hirescam', 'layercam'...) or 'activation' (channel-mean of each layer's output)
                    layers=None, # Names, modules or regexes; default: `layers.depth_layers(self.model)`
-                   target=None, # None (predicted class) or a class index; Grad-CAM only
+                   target=None, # None (predicted class) or a class index; the CAMs only
                    reshape=None, # How to read outputs that are not (B,C,h,w) (see `layers.feature_layout`)
                    output=None, # Where the model returns more than the logits: an index, a key or a callable (see `targets.select_output`)
                   ) -> dict:
@@ -209,9 +213,9 @@ def layer_heatmaps(self:Learner, item=0, # A validation index, a file, a PIL ima
 # %% ../nbs/08_learner.ipynb #68fa659c
 @patch
 def show_layer_heatmaps(self:Learner, item=0, # A validation index, a file, a PIL image or a (C,H,W)/(1,C,H,W) tensor
-                        method:str='gradcam', # 'gradcam' or 'activation' (channel-mean of each layer's output)
+                        method:str='gradcam', # A CAM variant (`methods.CAM_VARIANTS`: 'gradcam', 'hirescam', 'layercam'...) or 'activation' (channel-mean of each layer's output)
                         layers=None, # Names, modules or regexes; default: `layers.depth_layers(self.model)`
-                        target=None, # None (predicted class) or a class index; Grad-CAM only
+                        target=None, # None (predicted class) or a class index; the CAMs only
                         ncols:int=None, # Panels per row (default: up to 5)
                         cmap='jet', alpha:float=0.5,
                         size:float=2.2, # Size of one panel in inches
@@ -234,7 +238,7 @@ def show_layer_heatmaps(self:Learner, item=0, # A validation index, a file, a PI
     for ax,(name,m) in zip(axs[1:], maps.items()):
         h,w = sizes[name]
         show_overlay(xb[0], m[0], ax=ax, title=f"{name} ({h}x{w})", cmap=cmap, alpha=alpha, stats=stats)
-    fig.suptitle(f"{_LAYER_METHODS[method]} per layer. Predicted: {titles[0].replace(chr(10), ', ')}")   # constrained layout: titles clear of the row above
+    fig.suptitle(f"{_layer_title(method)} per layer. Predicted: {titles[0].replace(chr(10), ', ')}")   # constrained layout: titles clear of the row above
     return fig
 
 # %% ../nbs/08_learner.ipynb #7913934e
