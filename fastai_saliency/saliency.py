@@ -10,7 +10,7 @@ from .store import SnapshotWriter
 from .learn_io import in_main_fit, items_batch, dls_norm, default_probes, same_random_state, unwrap_model
 from . import methods, plot, scoring
 from .layers import layer_name
-from .targets import model_logits, resolve_target, Target, Region, learn_task, data_vocab, prediction_titles
+from .targets import model_logits, resolve_target, Target, Region, learn_task, data_vocab, prediction_titles, class_index
 from matplotlib import animation
 
 # %% auto #0
@@ -84,10 +84,7 @@ class SaliencyCallback(Callback):
 
     def _check_name_target(self):
         "A class name as `target` names a class of the data: else the error says what would be right, before any training"
-        if not isinstance(self.target, str) or self.target in ('label', 'pred'): return
-        names = None if self.vocab is None else [str(v) for v in self.vocab]
-        if names is None: raise ValueError(f"target={self.target!r} is a class name, but the data has no vocab: pass 'label', 'pred' or an index")
-        if self.target not in names: raise ValueError(f"target={self.target!r} is neither 'label', 'pred' nor a class name of the data: {names}")
+        if isinstance(self.target, str) and self.target not in ('label', 'pred'): class_index(self.target, self.vocab)
 
     def before_fit(self):
         self.run = in_main_fit(self.learn)

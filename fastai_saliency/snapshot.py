@@ -13,7 +13,7 @@ from .learn_io import in_main_fit, in_validation, is_main_process, unwrap_model,
 from . import methods
 from .layers import default_layer, feature_layout
 from .fullgrad import explained_backward
-from .targets import Target, Region, learn_task, data_vocab
+from .targets import Target, Region, learn_task, data_vocab, class_index
 
 # %% auto #0
 __all__ = ['SnapshotCallback']
@@ -49,6 +49,7 @@ class SnapshotCallback(HookCallback):
     _cap = _top = _snap = run_path = None
     _explaining = stopped = False
     _predicting = False
+    _named = None                   # the index of a `target=` given as a class name (set in before_fit, from the data's vocab)
     _stateattrs = ('writer', 'predict_writer', '_buf', '_cap', '_top', 'storage_options')   # not pickled by `learn.export()` (credentials neither)
     def _init_state(self): self._state,self.writer,self.predict_writer,self._buf,self._cap,self._top,self.storage_options = {},None,None,{},None,None,None
     def __init__(self, path, # Folder of runs, or an fsspec URL (`'s3://bucket/runs'`): each fit writes a new `path/run-NNN` (see `SnapshotWriter`)
@@ -58,7 +59,7 @@ class SnapshotCallback(HookCallback):
                  exclude=None, # Names or regexes of layers to leave out, or 'input', 'logits', 'target'
                  grads:bool=True, # Save the gradient with respect to each saved output: of the loss (training), of the target logits (explained validation batches)
                  explain:bool=True, # On each saved validation batch, one more forward and backward of the target logits (eval mode): what `Trial.fullgrad`/`Trial.gradcam` need
-                 target='label', # What explained batches explain: 'label' (the true class where labels are classes, else the prediction; other tasks: see `_task_label_target`), 'pred', an int, one int per image, a `targets.Target`, a callable on the output
+                 target='label', # What explained batches explain: 'label' (the true class where labels are classes, else the prediction; other tasks: see `_task_label_target`), 'pred', an int, a class name, one int per image, a `targets.Target`, a callable on the output
                  max_bytes:int|None=4*2**30, # Stop saving (with a warning) where the run's tensors would pass this many bytes; None: no limit
                  bn_stats:bool=True, # Save running_mean, running_var, weight, bias of every BatchNorm layer (training and explained batches)
                  params:bool=False, # Save weight and bias of the other included layers (training and explained batches)
@@ -77,8 +78,6 @@ class SnapshotCallback(HookCallback):
                 raise ValueError(f"{k} must be an int >= 0 or None, got {v!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch dtype such as torch.float16, or None; got {dtype!r}")
-        if isinstance(target, str) and target not in ('label', 'pred'):
-            raise ValueError(f"target must be 'label', 'pred', None, an int, one int per image or a callable; got {target!r}")
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
             raise ValueError(f"max_bytes must be an int > 0 or None, got {max_bytes!r}")
         if modules is not None:
@@ -114,6 +113,7 @@ class SnapshotCallback(HookCallback):
             except Exception as e: warnings.warn(f"the snapshot run {str(w.path)!r} of an earlier fit that raised failed to write: {e}")
         self.run = in_main_fit(self.learn)
         if not self.run: return
+        self._named = None if not isinstance(self.target, str) or self.target in ('label', 'pred') else class_index(self.target, data_vocab(self.dls))
         self.layers,self.special = self._select()
         exc_mods = [e for e in listify(self.exclude) if not (isinstance(e, str) and e in _SPECIAL)] or None
         model = self.model
@@ -291,7 +291,7 @@ def _tensors(self:SnapshotCallback):
 def _target(self:SnapshotCallback) -> tuple:
     "What an explained batch explains (see `target`) and, in words, where it comes from; at inference the prediction"
     if self.target in (None, 'pred') or self._mode == 'predict': return None,'pred'
-    if self.target != 'label': return self.target,'given'
+    if self.target != 'label': return (self.target if self._named is None else self._named),'given'
     y,p = (self.yb[0] if len(self.yb) else None),self.pred
     if learn_task(self.learn) not in (None, 'single'): return self._task_label_target(y, p)
     ok = (isinstance(y, Tensor) and isinstance(p, Tensor) and y.dim() == 1 and p.dim() == 2 and len(y) == len(p)
