@@ -188,7 +188,7 @@ def _check_indices(t, out:Tensor, task:str) -> Tensor:
 def _is_names(t) -> bool:
     return isinstance(t, str) or (isinstance(t, (list, tuple)) and len(t) > 0 and all(isinstance(s, str) for s in t))
 
-# %% ../nbs/03b_targets.ipynb #a2666de4
+# %% ../nbs/03b_targets.ipynb #a9af885b
 def class_index(name:str, # A class name given as a callback's `target=`
                 vocab, # The data's class names (`data_vocab`), or None
                ) -> int:

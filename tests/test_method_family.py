@@ -62,6 +62,11 @@ def test_compare_methods_and_its_callback(signs_learner):
         assert r.table.set_index('method').loc[n, 'pointing'] == pointing_game(m, r.boxes)
     fig = r.show(n=3)
     assert len([a for a in fig.axes if a.images]) == 4*3
+    name = str(learn.dls.vocab[2])                          # a class name: every map explains that class
+    r2 = learn.compare_methods(['gradcam'], items=r.xb, metrics=('deletion',), target=name, n_steps=4)
+    assert r2.target.tolist() == [2]*len(r.xb)
+    with pytest.raises(ValueError, match=r"target='true' is neither 'label', 'pred' nor a class name of the data"):
+        learn.compare_methods(['gradcam'], items=r.xb, metrics=('deletion',), target='true')
     cc = MethodComparisonCallback(['gradcam', 'gradient'], n=3, metrics=('insertion',), n_steps=4)
     with fit_leaves_no_trace(learn): learn.fit(1, 0., cbs=cc)
     assert cc.table.epoch.tolist() == [0., 0., 1., 1.] and list(cc.table.method) == ['gradcam', 'gradient']*2
