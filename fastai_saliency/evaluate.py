@@ -15,7 +15,7 @@ from fastai.callback.core import Callback
 from .data import read_boxes
 from .scoring import pointing_game, deletion_auc, insertion_auc, randomisation_check, item_boxes
 from .learn_io import items_batch, default_probes, dls_norm, unwrap_model, in_main_fit, same_random_state
-from .targets import model_logits, resolve_target, class_index, data_vocab
+from .targets import model_logits, resolve_target, named_target, data_vocab
 from .methods import get_method, method_names, saliency_maps
 from .plot import blend
 
@@ -144,7 +144,7 @@ def compare_methods(self:Learner, methods=None, # Method names or functions; Non
         items = default_probes(self.dls, n) if items is None else items
         xb,ys = items_batch(self, items, n)
     idxs = items if isinstance(items, list) and all(isinstance(i, int) for i in items) else None
-    if isinstance(target, str) and target not in ('label', 'pred'): target = class_index(target, data_vocab(self.dls))
+    target = named_target(target, data_vocab(self.dls))
     t = None if target == 'pred' else ys if target == 'label' and ys is not None else None if target == 'label' else target
     boxes = _probe_boxes(self, idxs, tuple(xb.shape[-2:]), boxes, metrics)
     res = score_methods(unwrap_model(self.model), xb, methods, t, boxes, metrics, layer, n_steps, method_kwargs)

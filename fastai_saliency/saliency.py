@@ -10,7 +10,7 @@ from .store import SnapshotWriter
 from .learn_io import in_main_fit, items_batch, dls_norm, default_probes, same_random_state, unwrap_model
 from . import methods, plot, scoring
 from .layers import layer_name
-from .targets import model_logits, resolve_target, Target, Region, learn_task, data_vocab, prediction_titles, class_index
+from .targets import model_logits, resolve_target, Target, Region, learn_task, data_vocab, prediction_titles, named_target
 from matplotlib import animation
 
 # %% auto #0
@@ -76,15 +76,11 @@ class SaliencyCallback(Callback):
             self.item_idxs = items if isinstance(items, list) and all(isinstance(i, int) for i in items) else None
         self.norm = dls_norm(self.dls)
         self.vocab = data_vocab(self.dls)
-        self._check_name_target()
+        named_target(self.target, self.vocab)    # a class name the data lacks: refused here, before any batch (`Target` reads names itself)
         self._setup_task()
         if methods.get_method(self.method).layer and (self.method != 'cam' or self.layer is not None):
             self.layer = layer_name(self.model, self.layer)   # a name, also for a module or regex
         self._setup_scores()
-
-    def _check_name_target(self):
-        "A class name as `target` names a class of the data: else the error says what would be right, before any training"
-        if isinstance(self.target, str) and self.target not in ('label', 'pred'): class_index(self.target, self.vocab)
 
     def before_fit(self):
         self.run = in_main_fit(self.learn)

@@ -13,7 +13,7 @@ from .learn_io import in_main_fit, in_validation, is_main_process, unwrap_model,
 from . import methods
 from .layers import default_layer, feature_layout
 from .fullgrad import explained_backward
-from .targets import Target, Region, learn_task, data_vocab, class_index
+from .targets import Target, Region, learn_task, data_vocab, named_target
 
 # %% auto #0
 __all__ = ['SnapshotCallback']
@@ -49,7 +49,7 @@ class SnapshotCallback(HookCallback):
     _cap = _top = _snap = run_path = None
     _explaining = stopped = False
     _predicting = False
-    _named = None                   # the index of a `target=` given as a class name (set in before_fit, from the data's vocab)
+    _given = None                   # `target=` with a class name as its index (set in before_fit, from the data's vocab)
     _stateattrs = ('writer', 'predict_writer', '_buf', '_cap', '_top', 'storage_options')   # not pickled by `learn.export()` (credentials neither)
     def _init_state(self): self._state,self.writer,self.predict_writer,self._buf,self._cap,self._top,self.storage_options = {},None,None,{},None,None,None
     def __init__(self, path, # Folder of runs, or an fsspec URL (`'s3://bucket/runs'`): each fit writes a new `path/run-NNN` (see `SnapshotWriter`)
@@ -113,7 +113,7 @@ class SnapshotCallback(HookCallback):
             except Exception as e: warnings.warn(f"the snapshot run {str(w.path)!r} of an earlier fit that raised failed to write: {e}")
         self.run = in_main_fit(self.learn)
         if not self.run: return
-        self._named = None if not isinstance(self.target, str) or self.target in ('label', 'pred') else class_index(self.target, data_vocab(self.dls))
+        self._given = named_target(self.target, data_vocab(self.dls))
         self.layers,self.special = self._select()
         exc_mods = [e for e in listify(self.exclude) if not (isinstance(e, str) and e in _SPECIAL)] or None
         model = self.model
@@ -291,7 +291,7 @@ def _tensors(self:SnapshotCallback):
 def _target(self:SnapshotCallback) -> tuple:
     "What an explained batch explains (see `target`) and, in words, where it comes from; at inference the prediction"
     if self.target in (None, 'pred') or self._mode == 'predict': return None,'pred'
-    if self.target != 'label': return (self.target if self._named is None else self._named),'given'
+    if self.target != 'label': return self._given,'given'
     y,p = (self.yb[0] if len(self.yb) else None),self.pred
     if learn_task(self.learn) not in (None, 'single'): return self._task_label_target(y, p)
     ok = (isinstance(y, Tensor) and isinstance(p, Tensor) and y.dim() == 1 and p.dim() == 2 and len(y) == len(p)

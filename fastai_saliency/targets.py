@@ -13,7 +13,7 @@ from .hooks import eval_mode, model_device
 from .layers import describe_output
 
 # %% auto #0
-__all__ = ['TASKS', 'prep_batch', 'select_output', 'model_logits', 'output_task', 'loss_task', 'Region', 'class_index', 'Target',
+__all__ = ['TASKS', 'prep_batch', 'select_output', 'model_logits', 'output_task', 'loss_task', 'Region', 'named_target', 'Target',
            'resolve_target', 'target_score', 'fixed_target', 'target_rows', 'target_probability', 'learn_task',
            'data_vocab', 'learn_target', 'prediction_titles']
 
@@ -189,14 +189,15 @@ def _is_names(t) -> bool:
     return isinstance(t, str) or (isinstance(t, (list, tuple)) and len(t) > 0 and all(isinstance(s, str) for s in t))
 
 # %% ../nbs/03b_targets.ipynb #a9af885b
-def class_index(name:str, # A class name given as a callback's `target=`
-                vocab, # The data's class names (`data_vocab`), or None
-               ) -> int:
-    "The index of class `name` in `vocab`; the error says what a callback's `target=` takes instead"
+def named_target(target, # A callback's `target=`: 'label', 'pred', a class name, an int, ...
+                 vocab, # The data's class names (`data_vocab`), or None
+                ):
+    "`target` with a class name replaced by its index in `vocab`; 'label', 'pred' and every other kind as they are"
+    if not isinstance(target, str) or target in ('label', 'pred'): return target
     names = None if vocab is None else [str(v) for v in vocab]
-    if names is None: raise ValueError(f"target={name!r} is a class name, but the data has no vocab: pass 'label', 'pred' or an index")
-    if name not in names: raise ValueError(f"target={name!r} is neither 'label', 'pred' nor a class name of the data: {names}")
-    return names.index(name)
+    if names is None: raise ValueError(f"target={target!r} is a class name, but the data has no vocab: pass 'label', 'pred' or an index")
+    if target not in names: raise ValueError(f"target={target!r} is neither 'label', 'pred' nor a class name of the data: {names}")
+    return names.index(target)
 
 # %% ../nbs/03b_targets.ipynb #585e2076
 class Target:
