@@ -7,8 +7,7 @@ the others: with two workers they finish together. Prints what `nbdev_test --tim
 
     python tools/test_notebooks.py --flags slow --n_workers 2 --first 11_evaluate tutorial 04_methods
 """
-import argparse, os, sys, time
-from pathlib import Path
+import argparse, sys, time
 from fastcore.parallel import parallel
 from fastcore.xtras import working_directory
 from nbdev.config import get_config
@@ -17,7 +16,7 @@ from nbdev.test import test_nb, _keep_file
 
 def order(files, first) -> list:
     "`files` sorted by name, those whose stem is in `first` moved to the front in `first`'s order"
-    files,rank = sorted(files),{s: i for i,s in enumerate(first)}
+    rank = {s: i for i,s in enumerate(first)}
     if missing := [s for s in first if s not in {f.stem for f in files}]:
         raise SystemExit(f"--first names notebooks that do not exist: {missing} (give stems, e.g. 11_evaluate)")
     return sorted(files, key=lambda f: (rank.get(f.stem, len(first)), f.name))
